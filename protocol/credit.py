@@ -1,0 +1,114 @@
+"""The credit window: paid steps are flow control (spec section 7).
+
+The orchestrator side keeps a `JobCredit`: it may execute step k only when
+the expected value received for the job covers k steps. The broadcaster side
+keeps a `PaymentSchedule`: it pays window w+1 once delivery reaches
+w*N - lead, so the GPU need not wait for money, while no more than N + lead
+steps (plus less than one ticket) are ever paid and not yet delivered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from protocol.errors import ErrorCode, ProtocolError
+
+
+@dataclass
+class JobCredit:
+    """Orchestrator-side ledger of one job: credit in, steps out."""
+
+    fee_per_step: Fraction
+    total_steps: int
+    credit: Fraction = Fraction(0)
+    executed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fee_per_step < 0 or self.total_steps < 1:
+            raise ValueError("fee_per_step must be >= 0 and total_steps >= 1")
+
+    def add(self, ev: Fraction) -> None:
+        if ev < 0:
+            raise ValueError("credit cannot be negative")
+        self.credit += ev
+
+    @property
+    def covered_steps(self) -> int:
+        """How many steps of the job the credit pays for (capped at the job's length)."""
+        if self.fee_per_step == 0:
+            return self.total_steps
+        return min(self.total_steps, math.floor(self.credit / self.fee_per_step))
+
+    def may_execute(self, step: int) -> bool:
+        return step <= self.covered_steps
+
+    def execute(self, step: int) -> None:
+        """Record that step `step` (1-based) runs; refuses an unpaid or out-of-order step."""
+        if step != self.executed + 1:
+            raise ValueError(f"step {step} out of order after {self.executed}")
+        if not self.may_execute(step):
+            raise ProtocolError(ErrorCode.PAYMENT_TIMEOUT, f"step {step} is not covered by credit")
+        self.executed = step
+
+    @property
+    def earned(self) -> Fraction:
+        """Fee of the steps executed so far."""
+        return self.executed * self.fee_per_step
+
+
+@dataclass
+class PaymentSchedule:
+    """Broadcaster-side plan: how many tickets to send as steps are delivered."""
+
+    fee_per_step: Fraction
+    total_steps: int
+    window_steps: int
+    ticket_ev: Fraction
+    lead_steps: int = 1
+    paid: Fraction = Fraction(0)
+    tickets_sent: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window_steps < 1:
+            raise ValueError("window_steps must be >= 1")
+        if self.ticket_ev <= 0:
+            raise ValueError("ticket EV must be positive")
+        self.lead_steps = max(0, min(self.lead_steps, self.window_steps - 1))
+
+    def target_steps(self, delivered: int) -> int:
+        """Steps that should be paid for once `delivered` steps have arrived."""
+        n = self.window_steps
+        windows = (delivered + self.lead_steps) // n + 1
+        return min(self.total_steps, windows * n)
+
+    def tickets_due(self, delivered: int) -> int:
+        """ceil((fee of target steps - paid) / EV), or 0 when paid up."""
+        shortfall = self.target_steps(delivered) * self.fee_per_step - self.paid
+        if shortfall <= 0:
+            return 0
+        return math.ceil(shortfall / self.ticket_ev)
+
+    def record_sent(self, tickets: int) -> None:
+        self.tickets_sent += tickets
+        self.paid += tickets * self.ticket_ev
+
+    def max_exposure(self) -> Fraction:
+        """Bound on EV paid and not delivered: N + lead steps plus one ticket (spec 7.3)."""
+        return (self.window_steps + self.lead_steps) * self.fee_per_step + self.ticket_ev
+
+
+def ticket_odds(window_fee: Fraction, face_value: int, max_win_prob: int) -> tuple[int, int]:
+    """Face value and win probability whose EV is at most one window's fee.
+
+    Keeps the orchestrator's face value where it can (so a winner is worth
+    redeeming) and lowers the win probability; a window dearer than the face
+    value gets a sure ticket of the window's (floored) fee instead.
+    """
+    if face_value <= 0:
+        raise ValueError("face value must be positive")
+    if window_fee >= face_value:
+        return max(1, math.floor(window_fee)), max_win_prob
+    win_prob = math.floor(window_fee * max_win_prob / face_value)
+    return face_value, max(1, win_prob)

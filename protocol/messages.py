@@ -1,0 +1,285 @@
+"""The messages of stepstream wire version 1, as frozen dataclasses.
+
+Each message class has a ``TYPE`` (its name on the wire) and a ``SENDER``
+(which role may send it). Field annotations carry the codec's constraints;
+spec/PROTOCOL.md section 4 is the normative table of the same fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from fractions import Fraction
+from typing import Annotated, ClassVar
+
+from protocol.fields import (
+    U256,
+    Address,
+    Bin,
+    Float,
+    Hash32,
+    Int,
+    Items,
+    JobId,
+    ModelId,
+    Name,
+    Str,
+    UInt32,
+    UInt64,
+)
+
+PROTOCOL_VERSION = 1
+"""The wire version every frame carries in its ``v`` key (spec v0.1)."""
+
+MAX_PREVIEW_BYTES = 1 << 20
+MAX_IMAGE_BYTES = 12 << 20
+
+
+class Role(StrEnum):
+    BROADCASTER = "broadcaster"
+    ORCHESTRATOR = "orchestrator"
+
+
+class Message:
+    """Base of all messages; subclasses are frozen dataclasses."""
+
+    TYPE: ClassVar[str]
+    SENDER: ClassVar[frozenset[Role]]
+
+
+B = frozenset({Role.BROADCASTER})
+O = frozenset({Role.ORCHESTRATOR})  # noqa: E741 - the spec's name for the role
+BOTH = B | O
+
+
+# ---------------------------------------------------------------- structures
+
+
+@dataclass(frozen=True)
+class TextToImageParams:
+    """Text-to-image request, with ai-runner's field names and defaults."""
+
+    prompt: Annotated[str, Str(1, 4000)]
+    negative_prompt: Annotated[str, Str(0, 4000)] = ""
+    width: Annotated[int, Int(8, 4096)] = 1024
+    height: Annotated[int, Int(8, 4096)] = 576
+    guidance_scale: Annotated[float, Float(0.0, 50.0)] = 7.5
+    num_inference_steps: Annotated[int, Int(1, 1000)] = 50
+    seed: Annotated[int, Int(0, 2**32 - 1)] | None = None
+    num_images_per_prompt: Annotated[int, Int(1, 16)] = 1
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One pipeline and model an orchestrator offers, with its price."""
+
+    pipeline: Name
+    model_id: ModelId
+    warm: bool
+    capacity: UInt32
+    in_use: UInt32
+    price_per_pixel_step: Fraction
+    """Wei per pixel-step (spec section 6)."""
+
+
+@dataclass(frozen=True)
+class TicketParams:
+    """What the recipient issues for tickets, echoed in every payment."""
+
+    recipient: Address
+    face_value: U256
+    win_prob: U256
+    recipient_rand_hash: Hash32
+    seed: Hash32
+    expiration_block: UInt64
+    creation_round: UInt64 = 0
+    creation_round_block_hash: Hash32 = bytes(32)
+
+
+@dataclass(frozen=True)
+class SignedTicket:
+    """The per-ticket part of a payment: go-livepeer's TicketSenderParams."""
+
+    sender_nonce: UInt32
+    sig: Annotated[bytes, Bin(65, 65)]
+
+
+@dataclass(frozen=True)
+class ResultImage:
+    image: Annotated[bytes, Bin(1, MAX_IMAGE_BYTES)]
+    format: Name
+    width: UInt32
+    height: UInt32
+    seed: UInt32
+    nsfw: bool = False
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """First frame of a connection: who the broadcaster is (its payment address)."""
+
+    TYPE: ClassVar[str] = "hello"
+    SENDER: ClassVar[frozenset[Role]] = B
+    sender: Address
+    agent: Annotated[str, Str(0, 128)] = ""
+
+
+@dataclass(frozen=True)
+class Info(Message):
+    """The orchestrator's advertisement: capabilities, prices, ticket parameters."""
+
+    TYPE: ClassVar[str] = "info"
+    SENDER: ClassVar[frozenset[Role]] = O
+    orchestrator: Address
+    capabilities: Annotated[tuple[Capability, ...], Items(0, 256)]
+    ticket_params: TicketParams
+    max_frame_bytes: UInt32
+    agent: Annotated[str, Str(0, 128)] = ""
+
+
+@dataclass(frozen=True)
+class JobRequest(Message):
+    TYPE: ClassVar[str] = "job"
+    SENDER: ClassVar[frozenset[Role]] = B
+    job_id: JobId
+    pipeline: Name
+    model_id: ModelId
+    params: TextToImageParams
+    preview_every: Annotated[int, Int(1, 1000)] = 1
+    preview_method: Name = "latent_rgb"
+    preview_format: Name = "webp"
+
+
+@dataclass(frozen=True)
+class JobAccepted(Message):
+    """The quote: steps, price and fee of the job, and ticket params sized to its window."""
+
+    TYPE: ClassVar[str] = "accepted"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    steps: UInt32
+    pixels_per_step: UInt64
+    price_per_pixel_step: Fraction
+    fee: Fraction
+    window_steps: UInt32
+    seed: UInt32
+    ticket_params: TicketParams
+
+
+@dataclass(frozen=True)
+class Payment(Message):
+    """Tickets for a job, with the parameters they were made against."""
+
+    TYPE: ClassVar[str] = "payment"
+    SENDER: ClassVar[frozenset[Role]] = B
+    job_id: JobId
+    sender: Address
+    ticket_params: TicketParams
+    tickets: Annotated[tuple[SignedTicket, ...], Items(1, 1024)]
+
+
+@dataclass(frozen=True)
+class Credit(Message):
+    """Acknowledges a payment: the job's credit and how many steps it covers."""
+
+    TYPE: ClassVar[str] = "credit"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    credit: Fraction
+    covered_steps: UInt32
+    tickets_accepted: UInt32
+    winners: UInt32
+
+
+@dataclass(frozen=True)
+class Progress(Message):
+    TYPE: ClassVar[str] = "progress"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    step: UInt32
+    total_steps: UInt32
+    covered_steps: UInt32
+
+
+@dataclass(frozen=True)
+class AwaitingPayment(Message):
+    """The orchestrator is paused at the credit boundary before ``next_step``."""
+
+    TYPE: ClassVar[str] = "awaiting_payment"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    next_step: UInt32
+    covered_steps: UInt32
+    timeout_ms: UInt32
+
+
+@dataclass(frozen=True)
+class Preview(Message):
+    TYPE: ClassVar[str] = "preview"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    step: UInt32
+    image: Annotated[bytes, Bin(1, MAX_PREVIEW_BYTES)]
+    format: Name
+    width: UInt32
+    height: UInt32
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    TYPE: ClassVar[str] = "result"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    images: Annotated[tuple[ResultImage, ...], Items(1, 16)]
+    steps: UInt32
+    pixel_steps: UInt64
+    fee: Fraction
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    SENDER: ClassVar[frozenset[Role]] = B
+    job_id: JobId
+
+
+@dataclass(frozen=True)
+class Cancelled(Message):
+    TYPE: ClassVar[str] = "cancelled"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    steps: UInt32
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """An error; with a job_id it ends that job, without one it ends the connection."""
+
+    TYPE: ClassVar[str] = "error"
+    SENDER: ClassVar[frozenset[Role]] = BOTH
+    code: Name
+    message: Annotated[str, Str(0, 1024)]
+    job_id: JobId | None = None
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Info,
+        JobRequest,
+        JobAccepted,
+        Payment,
+        Credit,
+        Progress,
+        AwaitingPayment,
+        Preview,
+        Result,
+        Cancel,
+        Cancelled,
+        Error,
+    )
+}

@@ -1,0 +1,233 @@
+"""The recipient's side of ticket payments: issuing parameters, checking tickets.
+
+Stateless per ticket, as go-livepeer's recipient is: the seed it issues is a
+salt plus a MAC over the parameters it stands for, so tampered parameters are
+caught, and recipient_rand is re-derived from the seed on demand. The only
+state is the `NonceLedger` (replays), shared by every connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from eth_utils import to_checksum_address
+
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import Payment, TicketParams
+from protocol.pm import (
+    InvalidSignature,
+    Ticket,
+    derive_recipient_rand,
+    is_winning,
+    recipient_rand_hash,
+    recover_signer,
+    ticket_ev,
+)
+
+ZERO_ADDRESS = bytes(20)
+MAX_NONCES_PER_RAND = 600
+"""go-livepeer's cap on sender nonces per recipient_rand."""
+
+
+def address_str(address: bytes) -> str:
+    """A 20-byte address as the checksummed hex string protocol.pm takes."""
+    return to_checksum_address(address)
+
+
+@dataclass(frozen=True)
+class WinningTicket:
+    """Everything TicketBroker.redeemWinningTicket needs."""
+
+    ticket: Ticket
+    sig: bytes
+    recipient_rand: int
+
+
+@dataclass
+class PaymentReceipt:
+    """What one payment message was worth: credit, winners, and the first fault."""
+
+    ev: Fraction = Fraction(0)
+    accepted: int = 0
+    winners: list[WinningTicket] = field(default_factory=list)
+    error: ProtocolError | None = None
+
+
+class NonceLedger:
+    """Sender nonces seen per recipient_rand_hash, bounded in memory.
+
+    Keeps at most `max_rands` rand hashes (oldest forgotten first, and those
+    past their expiration block on `prune`) with at most
+    MAX_NONCES_PER_RAND nonces each; a full rand refuses further tickets.
+    """
+
+    def __init__(self, max_rands: int = 100_000) -> None:
+        self.max_rands = max_rands
+        self._seen: OrderedDict[bytes, tuple[int, set[int]]] = OrderedDict()
+
+    def check_and_record(self, rand_hash: bytes, nonce: int, expiration_block: int) -> bool:
+        """True, and remembered, when the nonce is new for this rand; False on a replay."""
+        entry = self._seen.get(rand_hash)
+        if entry is None:
+            entry = (expiration_block, set())
+            self._seen[rand_hash] = entry
+            while len(self._seen) > self.max_rands:
+                self._seen.popitem(last=False)
+        nonces = entry[1]
+        if nonce in nonces or len(nonces) >= MAX_NONCES_PER_RAND:
+            return False
+        nonces.add(nonce)
+        return True
+
+    def prune(self, current_block: int) -> None:
+        """Forget rands whose parameters expired: their tickets are refused anyway."""
+        for rand_hash in [h for h, (exp, _) in self._seen.items() if exp < current_block]:
+            del self._seen[rand_hash]
+
+
+class Recipient:
+    """Issues ticket parameters and validates payments for one recipient address."""
+
+    def __init__(
+        self,
+        address: str,
+        secret: bytes,
+        nonces: NonceLedger,
+        validity_blocks: int = 40,
+        has_funds: Callable[[str, Fraction], bool] | None = None,
+    ) -> None:
+        self.address = to_checksum_address(address)
+        self._address_bytes = bytes.fromhex(self.address[2:])
+        self._secret = secret
+        self.nonces = nonces
+        self.validity_blocks = validity_blocks
+        self._has_funds = has_funds
+
+    def _params_mac(self, salt: bytes, sender: bytes, params: TicketParams) -> bytes:
+        msg = b"|".join(
+            [
+                b"stepstream-ticket-params-v1",
+                salt,
+                params.recipient,
+                sender,
+                params.face_value.to_bytes(32, "big"),
+                params.win_prob.to_bytes(32, "big"),
+                params.expiration_block.to_bytes(8, "big"),
+                params.creation_round.to_bytes(8, "big"),
+                params.creation_round_block_hash,
+            ]
+        )
+        return hmac.new(self._secret, msg, hashlib.sha256).digest()[:16]
+
+    def issue_params(
+        self, sender: bytes, face_value: int, win_prob: int, current_block: int, salt: bytes
+    ) -> TicketParams:
+        """Fresh parameters for `sender`; `salt` is 16 random bytes from the caller."""
+        if len(salt) != 16:
+            raise ValueError("salt must be 16 bytes")
+        draft = TicketParams(
+            recipient=self._address_bytes,
+            face_value=face_value,
+            win_prob=win_prob,
+            recipient_rand_hash=bytes(32),
+            seed=bytes(32),
+            expiration_block=current_block + self.validity_blocks,
+        )
+        seed = salt + self._params_mac(salt, sender, draft)
+        rand = derive_recipient_rand(self._secret, seed, address_str(sender))
+        return TicketParams(
+            recipient=draft.recipient,
+            face_value=face_value,
+            win_prob=win_prob,
+            recipient_rand_hash=recipient_rand_hash(rand),
+            seed=seed,
+            expiration_block=draft.expiration_block,
+        )
+
+    def receive(self, payment: Payment, current_block: int) -> PaymentReceipt:
+        """Check each ticket in spec order; credit those before the first fault.
+
+        A winning ticket whose parameters expired is still kept for redemption
+        (as go-livepeer does) though it earns no credit.
+        """
+        receipt = PaymentReceipt()
+        params = payment.ticket_params
+        try:
+            rand = self._check_params(payment.sender, params)
+        except ProtocolError as err:
+            receipt.error = err
+            return receipt
+        sender = address_str(payment.sender)
+        ev = ticket_ev(params.face_value, params.win_prob)
+        for signed in payment.tickets:
+            ticket = Ticket(
+                recipient=self.address,
+                sender=sender,
+                face_value=params.face_value,
+                win_prob=params.win_prob,
+                sender_nonce=signed.sender_nonce,
+                recipient_rand_hash=params.recipient_rand_hash,
+                creation_round=params.creation_round,
+                creation_round_block_hash=params.creation_round_block_hash,
+            )
+            try:
+                signer = recover_signer(ticket, signed.sig)
+            except InvalidSignature as exc:
+                receipt.error = ProtocolError(ErrorCode.TICKET_BAD_SIGNATURE, str(exc))
+                return receipt
+            if signer != sender:
+                receipt.error = ProtocolError(
+                    ErrorCode.TICKET_BAD_SIGNATURE, "ticket was not signed by its sender"
+                )
+                return receipt
+            if not self.nonces.check_and_record(
+                params.recipient_rand_hash, signed.sender_nonce, params.expiration_block
+            ):
+                receipt.error = ProtocolError(
+                    ErrorCode.TICKET_NONCE_REPLAYED,
+                    f"sender_nonce {signed.sender_nonce} already used for these parameters",
+                )
+                return receipt
+            wins = is_winning(signed.sig, rand, params.win_prob)
+            if wins:
+                receipt.winners.append(WinningTicket(ticket, signed.sig, rand))
+            if params.expiration_block < current_block:
+                receipt.error = ProtocolError(
+                    ErrorCode.TICKET_PARAMS_EXPIRED,
+                    f"parameters expired at block {params.expiration_block}, now {current_block}",
+                )
+                return receipt
+            if self._has_funds is not None and not self._has_funds(sender, ev):
+                receipt.error = ProtocolError(
+                    ErrorCode.SENDER_INSUFFICIENT_FUNDS, f"{sender} lacks deposit and reserve"
+                )
+                return receipt
+            receipt.accepted += 1
+            receipt.ev += ev
+        return receipt
+
+    def _check_params(self, sender: bytes, params: TicketParams) -> int:
+        """Recipient, sender, parameter MAC and rand, in that order; returns recipient_rand."""
+        if params.recipient != self._address_bytes:
+            raise ProtocolError(
+                ErrorCode.TICKET_WRONG_RECIPIENT, "tickets are not made out to this orchestrator"
+            )
+        if sender == ZERO_ADDRESS:
+            raise ProtocolError(ErrorCode.TICKET_ZERO_SENDER, "sender is the zero address")
+        salt, mac = params.seed[:16], params.seed[16:]
+        if not hmac.compare_digest(mac, self._params_mac(salt, sender, params)):
+            raise ProtocolError(
+                ErrorCode.INVALID_TICKET_PARAMS,
+                "ticket parameters were not issued by this orchestrator for this sender",
+            )
+        rand = derive_recipient_rand(self._secret, params.seed, address_str(sender))
+        if recipient_rand_hash(rand) != params.recipient_rand_hash:
+            raise ProtocolError(
+                ErrorCode.TICKET_RAND_MISMATCH, "recipient_rand_hash does not match the seed"
+            )
+        return rand
