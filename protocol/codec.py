@@ -94,18 +94,35 @@ def _u256_decode(value: Any, path: str) -> int:
     return int.from_bytes(value, "big")
 
 
+FRACTION_PART_BYTES = 64
+"""Numerator and denominator are unsigned big-endian, at most 512 bits each: sums of
+ticket EVs have denominators near 2^256, so their numerators outgrow a uint256."""
+
+
+def _uint_bytes(value: int) -> bytes:
+    return value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+
+
 def _fraction_encode(value: Fraction) -> list[bytes]:
-    return [_u256_encode(value.numerator), _u256_encode(value.denominator)]
+    if value < 0:
+        raise ValueError("fractions on the wire are never negative")
+    num, den = _uint_bytes(value.numerator), _uint_bytes(value.denominator)
+    if max(len(num), len(den)) > FRACTION_PART_BYTES:
+        raise ValueError(f"{value} does not fit in {FRACTION_PART_BYTES}-byte parts")
+    return [num, den]
 
 
 def _fraction_decode(value: Any, path: str) -> Fraction:
     if type(value) is not list or len(value) != 2:
-        raise _invalid(path, "expected a [numerator, denominator] pair of uint256")
-    num = _u256_decode(value[0], path + ".num")
-    den = _u256_decode(value[1], path + ".den")
-    if den == 0:
+        raise _invalid(path, "expected a [numerator, denominator] pair of byte strings")
+    parts = []
+    for name, part in zip(("num", "den"), value, strict=True):
+        if type(part) is not bytes or not 1 <= len(part) <= FRACTION_PART_BYTES:
+            raise _invalid(f"{path}.{name}", f"expected 1..{FRACTION_PART_BYTES} bytes")
+        parts.append(int.from_bytes(part, "big"))
+    if parts[1] == 0:
         raise _invalid(path, "denominator is zero")
-    return Fraction(num, den)
+    return Fraction(parts[0], parts[1])
 
 
 def _bool_decode(value: Any, path: str) -> bool:
@@ -237,3 +254,8 @@ def decode(frame: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Mess
         raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type {name!r}")
     _, dec = _struct_codec(cls)
     return dec(raw, name)
+
+
+def check(message: Message) -> None:
+    """Raise the ProtocolError a peer would answer `message` with, before sending it."""
+    decode(encode(message))

@@ -100,15 +100,21 @@ class PaymentSchedule:
 
 
 def ticket_odds(window_fee: Fraction, face_value: int, max_win_prob: int) -> tuple[int, int]:
-    """Face value and win probability whose EV is at most one window's fee.
+    """Face value and win probability whose EV is one window's fee, rounded up by < 1 wei.
 
-    Keeps the orchestrator's face value where it can (so a winner is worth
-    redeeming) and lowers the win probability; a window dearer than the face
-    value gets a sure ticket of the window's (floored) fee instead.
+    Rounding up, not down, is deliberate: a ticket worth a hair less than a
+    window would make every window cost two tickets. The face value is kept
+    (so a winner is worth redeeming) unless the window costs more than it;
+    then the ticket is a sure one for the window's fee, rounded up to a wei.
     """
     if face_value <= 0:
         raise ValueError("face value must be positive")
     if window_fee >= face_value:
-        return max(1, math.floor(window_fee)), max_win_prob
-    win_prob = math.floor(window_fee * max_win_prob / face_value)
+        return max(1, math.ceil(window_fee)), max_win_prob
+    win_prob = math.ceil(window_fee * max_win_prob / face_value)
     return face_value, max(1, win_prob)
+
+
+def ev_fits_window(ev: Fraction, window_fee: Fraction) -> bool:
+    """Whether a ticket is no dearer than a window, allowing ticket_odds' rounding."""
+    return ev < window_fee + 1

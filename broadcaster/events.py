@@ -1,0 +1,72 @@
+"""What a broadcaster session reports to its caller, one event per thing that happened."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from protocol.messages import ResultImage
+
+
+@dataclass(frozen=True)
+class Accepted:
+    job_id: str
+    steps: int
+    pixels_per_step: int
+    price_per_pixel_step: Fraction
+    fee: Fraction
+    window_steps: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    job_id: str
+    step: int
+    total_steps: int
+    steps_per_second: float
+    """Moving average over recent progress events; 0.0 until two have arrived."""
+    pixel_steps_per_second: float
+
+
+@dataclass(frozen=True)
+class PreviewFrame:
+    job_id: str
+    step: int
+    image: bytes
+    format: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class PaymentSent:
+    job_id: str
+    tickets: int
+    tickets_total: int
+    ev_paid: Fraction
+    """Expected value paid for the job so far, in wei."""
+    fee: Fraction
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    images: tuple[ResultImage, ...]
+    steps: int
+    fee: Fraction
+    ev_paid: Fraction
+    tickets_sent: int
+    seconds: float
+    time_to_first_preview: float | None
+    steps_per_second: float
+
+
+@dataclass(frozen=True)
+class JobError:
+    job_id: str
+    code: str
+    message: str
+
+
+Event = Accepted | ProgressUpdate | PreviewFrame | PaymentSent | JobResult | JobError

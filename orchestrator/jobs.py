@@ -1,0 +1,242 @@
+"""One job on the orchestrator: a pipeline in a worker thread, gated by credit.
+
+The pipeline runs in a thread (diffusers is blocking); its step hooks are the
+only place the thread meets the event loop. `wait_for_step` blocks until the
+job's credit covers the step (spec 7.2: no step without credit), and every
+message the thread emits goes through `send`, in order, on the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.from_thread
+import torch
+
+from pipelines.loader import LoadedModel
+from pipelines.previews import make_preview
+from pipelines.text_to_image import run_text_to_image
+from protocol.credit import JobCredit
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import (
+    AwaitingPayment,
+    Cancelled,
+    Error,
+    JobRequest,
+    Message,
+    Preview,
+    Progress,
+    Result,
+    ResultImage,
+)
+from protocol.pricing import pixel_steps
+
+PREVIEW_MAX_SIDE = 512
+PREVIEW_MAX_BYTES = 256 * 1024
+
+
+class JobStopped(Exception):
+    """Raised inside the pipeline thread to end the job; carries the reason."""
+
+    def __init__(self, reason: ProtocolError) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
+
+
+@dataclass
+class JobOutcome:
+    """What a finished job earned and executed (for stats and tests)."""
+
+    steps_executed: int
+    earned: float
+    terminal: str
+
+
+class RunningJob:
+    """Runs one accepted job; thread-safe credit and stop signalling."""
+
+    def __init__(
+        self,
+        request: JobRequest,
+        model: LoadedModel,
+        ledger: JobCredit,
+        seed: int,
+        send: Callable[[Message], Awaitable[None]],
+        payment_timeout: float,
+    ) -> None:
+        self.request = request
+        self.model = model
+        self.ledger = ledger
+        self.seed = seed
+        self._send = send
+        self.payment_timeout = payment_timeout
+        self._cond = threading.Condition()
+        self._stop: ProtocolError | None = None
+        self.finished = anyio.Event()
+
+    # ------------------------------------------------- called from the loop
+
+    def add_credit(self, ev: object) -> int:
+        """Credit EV to the job and wake the pipeline; returns the covered steps."""
+        with self._cond:
+            self.ledger.add(ev)  # type: ignore[arg-type]
+            self._cond.notify_all()
+            return self.ledger.covered_steps
+
+    def stop(self, reason: ProtocolError) -> None:
+        """End the job at its next step boundary (cancel, bad payment, disconnect)."""
+        with self._cond:
+            if self._stop is None:
+                self._stop = reason
+            self._cond.notify_all()
+
+    async def run(self) -> JobOutcome:
+        """Run to a terminal message: result, cancelled, or error."""
+        try:
+            images = await anyio.to_thread.run_sync(self._run_blocking)
+        except JobStopped as stopped:
+            return await self._end_stopped(stopped.reason)
+        except Exception as exc:  # the pipeline itself failed
+            await self._send_quietly(
+                Error(
+                    code=ErrorCode.PIPELINE_FAILED.value,
+                    message=f"pipeline failed: {type(exc).__name__}: {exc}"[:1024],
+                    job_id=self.request.job_id,
+                )
+            )
+            return JobOutcome(self.ledger.executed, float(self.ledger.earned), "error")
+        finally:
+            self.finished.set()
+        params = self.request.params
+        result = Result(
+            job_id=self.request.job_id,
+            images=tuple(
+                ResultImage(
+                    image=_png(img),
+                    format="png",
+                    width=img.width,
+                    height=img.height,
+                    seed=(self.seed + i) % 2**32,
+                )
+                for i, img in enumerate(images)
+            ),
+            steps=self.ledger.executed,
+            pixel_steps=pixel_steps(
+                params.width, params.height, params.num_images_per_prompt, self.ledger.executed
+            ),
+            fee=self.ledger.earned,
+        )
+        await self._send_quietly(result)
+        return JobOutcome(self.ledger.executed, float(self.ledger.earned), "result")
+
+    async def _end_stopped(self, reason: ProtocolError) -> JobOutcome:
+        job_id = self.request.job_id
+        if reason.code is ErrorCode.CANCELLED:
+            await self._send_quietly(Cancelled(job_id=job_id, steps=self.ledger.executed))
+            terminal = "cancelled"
+        else:
+            await self._send_quietly(
+                Error(code=reason.code.value, message=reason.message, job_id=job_id)
+            )
+            terminal = "error"
+        return JobOutcome(self.ledger.executed, float(self.ledger.earned), terminal)
+
+    async def _send_quietly(self, message: Message) -> None:
+        """Send a terminal message unless the connection is already gone."""
+        with contextlib.suppress(Exception):
+            await self._send(message)
+
+    # ---------------------------------------- called from the worker thread
+
+    def _run_blocking(self) -> list:
+        return run_text_to_image(self.model, self.request.params, self, self.seed)
+
+    def _emit(self, message: Message) -> None:
+        try:
+            anyio.from_thread.run(self._send, message)
+        except Exception as exc:  # connection closed under us
+            raise JobStopped(
+                ProtocolError(ErrorCode.INTERNAL_ERROR, f"connection lost: {exc}")
+            ) from None
+
+    def wait_for_step(self, step: int) -> None:
+        """Block until `step` is paid for; never lets an unpaid step start."""
+        deadline = time.monotonic() + self.payment_timeout
+        announced = False
+        while True:
+            with self._cond:
+                if self._stop is not None:
+                    raise JobStopped(self._stop)
+                if self.ledger.may_execute(step):
+                    self.ledger.execute(step)
+                    return
+                covered = self.ledger.covered_steps
+                if announced:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise JobStopped(
+                            ProtocolError(
+                                ErrorCode.PAYMENT_TIMEOUT,
+                                f"no credit for step {step} within {self.payment_timeout:g} s "
+                                f"(credit covers {covered} steps)",
+                            )
+                        )
+                    self._cond.wait(remaining)
+                    continue
+            # Tell the broadcaster we are paused, outside the lock: the loop
+            # needs the lock to credit a payment.
+            self._emit(
+                AwaitingPayment(
+                    job_id=self.request.job_id,
+                    next_step=step,
+                    covered_steps=covered,
+                    timeout_ms=int(self.payment_timeout * 1000),
+                )
+            )
+            announced = True
+
+    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
+        with self._cond:
+            if self._stop is not None:
+                raise JobStopped(self._stop)
+        req = self.request
+        total = self.ledger.total_steps
+        if req.preview_method != "none" and (step % req.preview_every == 0 or step == total):
+            data, width, height = make_preview(
+                self.model,
+                latents,
+                req.preview_method,
+                req.preview_format,
+                PREVIEW_MAX_SIDE,
+                PREVIEW_MAX_BYTES,
+            )
+            self._emit(
+                Preview(
+                    job_id=req.job_id,
+                    step=step,
+                    image=data,
+                    format=req.preview_format,
+                    width=width,
+                    height=height,
+                )
+            )
+        self._emit(
+            Progress(
+                job_id=req.job_id,
+                step=step,
+                total_steps=total,
+                covered_steps=self.ledger.covered_steps,
+            )
+        )
+
+
+def _png(image: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")  # type: ignore[attr-defined]
+    return buf.getvalue()

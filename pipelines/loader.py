@@ -1,0 +1,174 @@
+"""Resolve a model id to a ready pipeline, offline.
+
+The orchestrator advertises only what it can run without a download, so
+loading never touches the network: the reserved tiny id is built in code, a
+local directory is read as is, anything else must already be in the Hugging
+Face cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.errors import ModelNotFound
+from pipelines.tiny import TINY_SD, build_tiny_sd, quiet_diffusers
+
+__all__ = [
+    "LoadedModel",
+    "ModelNotFound",
+    "default_device",
+    "hub_cache_dir",
+    "load_model",
+    "pipeline_family",
+]
+
+MODEL_INDEX = "model_index.json"
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline on its device, with what the job code needs to know about it."""
+
+    model_id: str
+    pipe: Any
+    """A diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)."""
+    family: str
+    """"sd1" (SD 1.x/2.x latent space) or "sdxl": picks the latent-to-RGB preview factors."""
+    device: str
+    dtype: torch.dtype
+    load_seconds: float
+
+
+def default_device() -> str:
+    """CUDA when there is one; CPU otherwise, so tests and the demo run anywhere."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _dtype_for(device: str) -> torch.dtype:
+    """fp16 halves memory and time on GPUs; CPUs lack fast fp16 kernels."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache, re-reading the environment at call time.
+
+    huggingface_hub.constants freezes HF_HOME / HF_HUB_CACHE when it is first
+    imported; reading the variables again lets a caller (or a test) point at
+    another cache later. Precedence matches huggingface_hub's.
+    """
+    from huggingface_hub import constants
+
+    def expand(p: str) -> str:
+        return os.path.expandvars(os.path.expanduser(p))
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return expand(os.environ[var])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(expand(os.environ["HF_HOME"]), "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _looks_like_path(model_id: str) -> bool:
+    """True for filesystem paths; a hub id is "name" or "org/name"."""
+    return (
+        model_id.startswith(("/", ".", "~"))
+        or "\\" in model_id
+        or model_id.count("/") > 1
+        or os.path.isabs(model_id)
+    )
+
+
+def _hub_repo_dir(cache_dir: str, model_id: str) -> str:
+    """Where huggingface_hub keeps a model repo (for error messages)."""
+    return os.path.join(cache_dir, "models--" + model_id.replace("/", "--"))
+
+
+def _cached_in_hub(model_id: str, cache_dir: str) -> bool:
+    """Whether the cache holds the repo's model_index.json at its main ref."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        hit = try_to_load_from_cache(model_id, MODEL_INDEX, cache_dir=cache_dir)
+    except HFValidationError:
+        return False
+    return isinstance(hit, str)
+
+
+def pipeline_family(pipe: Any) -> str:
+    """Classify a pipeline's latent space from its class.
+
+    SDXL pipeline classes are all named StableDiffusionXL*; SD 1.x/2.x and
+    Stable Video Diffusion share the SD VAE latent space. Other latent spaces
+    (SD3, Flux: 16 channels) have no preview factors here, so they are refused.
+    """
+    vae = getattr(pipe, "vae", None)
+    channels = getattr(getattr(vae, "config", None), "latent_channels", 4)
+    if channels != 4:
+        raise ValueError(
+            f"{type(pipe).__name__} has {channels} latent channels; only 4-channel "
+            "SD 1.x/2.x and SDXL pipelines are supported"
+        )
+    return "sdxl" if "StableDiffusionXL" in type(pipe).__name__ else "sd1"
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, cache_dir: str | None) -> Any:
+    with quiet_diffusers():
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(
+            source, torch_dtype=dtype, local_files_only=True, cache_dir=cache_dir
+        )
+
+
+def load_model(model_id: str, device: str | None = None) -> LoadedModel:
+    """Load `model_id` onto `device` (default: CUDA if available, else CPU).
+
+    Raises ModelNotFound, naming every place searched, when no local copy
+    exists. Errors from a copy that exists but is broken propagate as they are.
+    """
+    device = device or default_device()
+    dtype = _dtype_for(device)
+    start = time.perf_counter()
+
+    if model_id == TINY_SD:
+        pipe = build_tiny_sd()
+        if dtype != torch.float32:
+            # Random weights have nothing to keep in fp32; silence diffusers' advice about it.
+            with quiet_diffusers():
+                pipe = pipe.to(dtype=dtype)
+    else:
+        local = Path(model_id).expanduser()
+        if local.is_dir():
+            if not (local / MODEL_INDEX).is_file():
+                raise ModelNotFound(model_id, [str(local.resolve() / MODEL_INDEX)])
+            pipe = _from_pretrained(str(local), dtype, None)
+        elif _looks_like_path(model_id):
+            raise ModelNotFound(model_id, [str(local.resolve())])
+        else:
+            cache_dir = hub_cache_dir()
+            if not _cached_in_hub(model_id, cache_dir):
+                searched = [
+                    f"local directory {local.resolve()}",
+                    f"Hugging Face cache {_hub_repo_dir(cache_dir, model_id)}",
+                ]
+                raise ModelNotFound(model_id, searched)
+            pipe = _from_pretrained(model_id, dtype, cache_dir)
+
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(
+        model_id=model_id,
+        pipe=pipe,
+        family=pipeline_family(pipe),
+        device=device,
+        dtype=dtype,
+        load_seconds=time.perf_counter() - start,
+    )

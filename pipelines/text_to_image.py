@@ -1,0 +1,144 @@
+"""Run a text-to-image job one paid step at a time.
+
+The job never runs ahead of its hooks: step k starts only after
+hooks.wait_for_step(k) returned, which is where the orchestrator blocks until
+credit covers the step. Hooks cancel by raising; diffusers' SD pipelines do
+not catch exceptions from callback_on_step_end, so the exception leaves
+run_text_to_image unchanged and the GPU stops within one step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from pipelines.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipelines.loader import LoadedModel
+    from protocol.messages import TextToImageParams
+
+__all__ = [
+    "MAX_PIXELS_PER_IMAGE",
+    "MAX_PIXELS_PER_JOB",
+    "InvalidRequest",
+    "StepHooks",
+    "executed_steps",
+    "run_text_to_image",
+    "validate_text_to_image",
+]
+
+MAX_PIXELS_PER_IMAGE = 2048 * 2048
+"""Past this SD-family UNets produce tiling artefacts and attention memory explodes."""
+MAX_PIXELS_PER_JOB = 4 * 1024 * 1024
+"""Four 1024x1024 images: one batch that fits a 24 GB GPU with SDXL in fp16."""
+PIXEL_MULTIPLE = 8
+"""The VAE scale factor: latents are (height/8, width/8)."""
+
+
+class StepHooks(Protocol):
+    """What the job calls between steps; the orchestrator's credit gate and preview tap."""
+
+    def wait_for_step(self, step: int) -> None:
+        """Block until step `step` (1-based) may execute; raise to abort the job."""
+
+    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
+        """Step `step` (1-based) has completed; may raise to cancel.
+
+        `latents` is the pipeline's live tensor: read or copy it, never modify it.
+        """
+
+
+def executed_steps(params: TextToImageParams, model: LoadedModel | None = None) -> int:
+    """Denoising steps the job will execute, the unit the job is priced and paid in.
+
+    With no model this is num_inference_steps. With a model, its scheduler is
+    asked, because some schedulers run a different count: PNDM (SD 1.5's
+    default) runs one more, second-order schedulers (Heun) nearly twice as many.
+    """
+    if model is None:
+        return params.num_inference_steps
+    scheduler = model.pipe.scheduler
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(params.num_inference_steps, device="cpu")
+    return len(probe.timesteps)
+
+
+def validate_text_to_image(params: TextToImageParams) -> None:
+    """Refuse jobs the pipeline cannot or will not run, before anything is paid for."""
+    if not params.prompt.strip():
+        raise InvalidRequest("prompt is empty")
+    w, h, n = params.width, params.height, params.num_images_per_prompt
+    if w < PIXEL_MULTIPLE or h < PIXEL_MULTIPLE or w % PIXEL_MULTIPLE or h % PIXEL_MULTIPLE:
+        raise InvalidRequest(
+            f"width and height must be positive multiples of {PIXEL_MULTIPLE}, got {w}x{h}"
+        )
+    if params.num_inference_steps < 1:
+        raise InvalidRequest("num_inference_steps must be at least 1")
+    if n < 1:
+        raise InvalidRequest("num_images_per_prompt must be at least 1")
+    if w * h > MAX_PIXELS_PER_IMAGE:
+        raise InvalidRequest(
+            f"{w}x{h} is {w * h} pixels per image; the limit is {MAX_PIXELS_PER_IMAGE}"
+        )
+    if w * h * n > MAX_PIXELS_PER_JOB:
+        raise InvalidRequest(
+            f"{n} images of {w}x{h} are {w * h * n} pixels; the limit per job is "
+            f"{MAX_PIXELS_PER_JOB}"
+        )
+
+
+def _generators(device: str, seed: int, count: int) -> list[torch.Generator]:
+    """Image i uses seed + i, as go-livepeer's ai-runner does, so any image can be redone alone."""
+    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(count)]
+
+
+def run_text_to_image(
+    model: LoadedModel, params: TextToImageParams, hooks: StepHooks, seed: int
+) -> list[Image.Image]:
+    """Generate params.num_images_per_prompt images of width x height, gated by `hooks`.
+
+    Calls wait_for_step(1) before any work, then after step k on_step_end(k)
+    and, unless k is the last step, wait_for_step(k + 1). Exceptions from the
+    hooks propagate unchanged. The pipeline must not be shared by two jobs at once.
+    """
+    validate_text_to_image(params)
+    pipe = model.pipe
+
+    def on_step_end(
+        _pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        step = i + 1
+        hooks.on_step_end(step, callback_kwargs["latents"])
+        # The pipeline knows its real step count (see executed_steps).
+        total = getattr(_pipe, "num_timesteps", None) or params.num_inference_steps
+        if step < total:
+            hooks.wait_for_step(step + 1)
+        return callback_kwargs
+
+    hooks.wait_for_step(1)
+    with torch.inference_mode():
+        out = pipe(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt or None,
+            width=params.width,
+            height=params.height,
+            guidance_scale=params.guidance_scale,
+            num_inference_steps=params.num_inference_steps,
+            num_images_per_prompt=params.num_images_per_prompt,
+            generator=_generators(model.device, seed, params.num_images_per_prompt),
+            output_type="pil",
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+    images: list[Image.Image] = list(out.images)
+    for im in images:
+        if im.size != (params.width, params.height):
+            raise RuntimeError(
+                f"pipeline returned {im.size[0]}x{im.size[1]}, expected "
+                f"{params.width}x{params.height}"
+            )
+    return images

@@ -1,0 +1,94 @@
+"""The `stepstream` command: orchestrator, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import anyio
+
+
+def _fraction(text: str) -> Fraction:
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepstream", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    orch = sub.add_parser("orchestrator", help="serve jobs on this machine")
+    orch.add_argument("--models", required=True, type=Path, help="go-livepeer aiModels.json")
+    orch.add_argument("--host", default="127.0.0.1")
+    orch.add_argument("--port", type=int, default=8935)
+    orch.add_argument("--key", required=True, type=Path, help="file with the hex private key")
+    orch.add_argument("--face-value", type=int, default=None, help="ticket face value, wei")
+    orch.add_argument(
+        "--payment-timeout", type=float, default=30.0, help="seconds to wait for credit"
+    )
+
+    gen = sub.add_parser("generate", help="run one text-to-image job and save the image")
+    gen.add_argument("--orchestrator", required=True, help="ws://host:port")
+    gen.add_argument("--model", required=True, help="model id, e.g. stepstream/tiny-sd")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--width", type=int, default=1024)
+    gen.add_argument("--height", type=int, default=576)
+    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--guidance-scale", type=float, default=7.5)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--preview-every", type=int, default=5)
+    gen.add_argument(
+        "--preview-method", default="latent_rgb", choices=["latent_rgb", "vae", "none"]
+    )
+    gen.add_argument(
+        "--max-price", type=_fraction, default=None, help="most wei per pixel-step to pay"
+    )
+    gen.add_argument("--key", type=Path, default=None, help="key file; a throwaway key if absent")
+    gen.add_argument("--out", required=True, type=Path, help="image file to write (PNG)")
+
+    bench = sub.add_parser("bench", help="network job vs. direct pipeline, side by side")
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--size", type=int, default=64)
+    bench.add_argument("--preview-every", type=int, default=4)
+    bench.add_argument("--model", default="stepstream/tiny-sd")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    quiet = args.command in ("bench", "generate")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Imports here keep `stepstream --help` fast (torch is slow to import).
+    if args.command == "orchestrator":
+        from stepstream.run_orchestrator import run_orchestrator
+
+        return anyio.run(run_orchestrator, args)
+    if args.command == "generate":
+        from stepstream.generate import run_generate
+
+        return anyio.run(run_generate, args)
+    if args.command == "bench":
+        from stepstream.bench import run_bench
+
+        return run_bench(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

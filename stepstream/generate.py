@@ -1,0 +1,120 @@
+"""`stepstream generate`: one job through the network, with a progress bar.
+
+Writes the final image to --out and each preview beside it as
+`<stem>.preview-<step>.png`, and returns a non-zero exit code with the
+protocol's error code when the job fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import secrets
+import sys
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from broadcaster.events import (
+    Accepted,
+    JobError,
+    JobResult,
+    PaymentSent,
+    PreviewFrame,
+    ProgressUpdate,
+)
+from broadcaster.session import BroadcasterSession, SessionError
+from protocol.errors import ErrorCode
+from protocol.messages import TextToImageParams
+from stepstream.keys import KeyFileError, load_private_key
+
+
+def preview_path(out: Path, step: int) -> Path:
+    """`out.png` and step 4 -> `out.preview-004.png`."""
+    return out.with_name(f"{out.stem}.preview-{step:03d}.png")
+
+
+def image_path(out: Path, index: int) -> Path:
+    """The first image is `out` itself; further ones are `out-1.png`, `out-2.png`..."""
+    return out if index == 0 else out.with_name(f"{out.stem}-{index}{out.suffix}")
+
+
+def save_as_png(data: bytes, path: Path) -> None:
+    with Image.open(io.BytesIO(data)) as img:
+        img.save(path, format="PNG")
+
+
+async def run_generate(args: argparse.Namespace) -> int:
+    try:
+        key = load_private_key(args.key) if args.key else secrets.token_bytes(32)
+    except KeyFileError as exc:
+        print(f"stepstream generate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        params = TextToImageParams(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            width=args.width,
+            height=args.height,
+            guidance_scale=args.guidance_scale,
+            num_inference_steps=args.steps,
+            seed=args.seed,
+            num_images_per_prompt=args.num_images,
+        )
+    except (TypeError, ValueError) as exc:
+        print(f"stepstream generate: {exc}", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        async with BroadcasterSession(args.orchestrator, key, max_price=args.max_price) as session:
+            return await _run_job(session, params, args, out)
+    except SessionError as exc:
+        print(f"stepstream generate: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run_job(
+    session: BroadcasterSession, params: TextToImageParams, args: argparse.Namespace, out: Path
+) -> int:
+    bar: tqdm | None = None
+    postfix: dict[str, str] = {}
+    try:
+        async for event in session.generate(
+            params,
+            model_id=args.model,
+            preview_every=args.preview_every,
+            preview_method=args.preview_method,
+        ):
+            if isinstance(event, Accepted):
+                bar = tqdm(total=event.steps, unit="step", desc="generating", file=sys.stderr)
+            elif isinstance(event, ProgressUpdate) and bar is not None:
+                bar.update(event.step - bar.n)
+                postfix["steps/s"] = f"{event.steps_per_second:.1f}"
+                bar.set_postfix(postfix)
+            elif isinstance(event, PreviewFrame):
+                save_as_png(event.image, preview_path(out, event.step))
+            elif isinstance(event, PaymentSent) and bar is not None:
+                postfix["paid"] = f"{float(event.ev_paid / event.fee):.0%}" if event.fee else "free"
+                bar.set_postfix(postfix)
+            elif isinstance(event, JobResult):
+                if bar is not None:
+                    bar.close()
+                for i, image in enumerate(event.images):
+                    save_as_png(image.image, image_path(out, i))
+                print(
+                    f"wrote {out} ({event.steps} steps, {event.steps_per_second:.1f} steps/s, "
+                    f"{event.tickets_sent} tickets, EV paid {float(event.ev_paid):.0f} wei "
+                    f"of fee {float(event.fee):.0f} wei)"
+                )
+                return 0
+            elif isinstance(event, JobError):
+                if bar is not None:
+                    bar.close()
+                print(f"stepstream generate: {event.code}: {event.message}", file=sys.stderr)
+                return 3 if event.code == ErrorCode.PRICE_TOO_HIGH.value else 1
+    finally:
+        if bar is not None:
+            bar.close()
+    return 1
