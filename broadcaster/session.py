@@ -86,6 +86,7 @@ class BroadcasterSession:
         self._ws: ClientConnection | None = None
         self._conn = Connection(Role.BROADCASTER)
         self._lock = anyio.Lock()
+        self._cancelled: set[str] = set()
 
     async def __aenter__(self) -> BroadcasterSession:
         try:
@@ -127,7 +128,12 @@ class BroadcasterSession:
         return None
 
     async def cancel(self, job_id: str) -> None:
-        """Ask the orchestrator to stop the job; the stream then ends with a JobError."""
+        """Stop paying for the job and ask the orchestrator to stop it.
+
+        The job's stream then ends with a JobError whose code is `cancelled`
+        (or with its result, if that crossed the cancel on the wire).
+        """
+        self._cancelled.add(job_id)
         await self._send(Cancel(job_id=job_id))
 
     # ------------------------------------------------------------------ jobs
@@ -258,6 +264,8 @@ class BroadcasterSession:
     async def _pay(
         self, accepted: JobAccepted, schedule: PaymentSchedule, delivered: int
     ) -> AsyncIterator[Event]:
+        if accepted.job_id in self._cancelled:
+            return
         due = schedule.tickets_due(delivered)
         while due > 0:
             count = min(due, MAX_TICKETS_PER_PAYMENT)

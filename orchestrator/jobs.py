@@ -27,13 +27,13 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
     AwaitingPayment,
     Cancelled,
-    Error,
     JobRequest,
     Message,
     Preview,
     Progress,
     Result,
     ResultImage,
+    error_message,
 )
 from protocol.pricing import pixel_steps
 
@@ -53,9 +53,11 @@ class JobStopped(Exception):
 class JobOutcome:
     """What a finished job earned and executed (for stats and tests)."""
 
+    job_id: str
     steps_executed: int
-    earned: float
     terminal: str
+    steps_at_stop: int | None
+    """Steps executed when the stop (cancel, bad payment, disconnect) arrived."""
 
 
 class RunningJob:
@@ -78,6 +80,7 @@ class RunningJob:
         self.payment_timeout = payment_timeout
         self._cond = threading.Condition()
         self._stop: ProtocolError | None = None
+        self.steps_at_stop: int | None = None
         self.finished = anyio.Event()
 
     # ------------------------------------------------- called from the loop
@@ -94,6 +97,7 @@ class RunningJob:
         with self._cond:
             if self._stop is None:
                 self._stop = reason
+                self.steps_at_stop = self.ledger.executed
             self._cond.notify_all()
 
     async def run(self) -> JobOutcome:
@@ -104,13 +108,13 @@ class RunningJob:
             return await self._end_stopped(stopped.reason)
         except Exception as exc:  # the pipeline itself failed
             await self._send_quietly(
-                Error(
-                    code=ErrorCode.PIPELINE_FAILED.value,
-                    message=f"pipeline failed: {type(exc).__name__}: {exc}"[:1024],
-                    job_id=self.request.job_id,
+                error_message(
+                    ErrorCode.PIPELINE_FAILED.value,
+                    f"pipeline failed: {type(exc).__name__}: {exc}",
+                    self.request.job_id,
                 )
             )
-            return JobOutcome(self.ledger.executed, float(self.ledger.earned), "error")
+            return self._outcome("error")
         finally:
             self.finished.set()
         params = self.request.params
@@ -133,7 +137,10 @@ class RunningJob:
             fee=self.ledger.earned,
         )
         await self._send_quietly(result)
-        return JobOutcome(self.ledger.executed, float(self.ledger.earned), "result")
+        return self._outcome("result")
+
+    def _outcome(self, terminal: str) -> JobOutcome:
+        return JobOutcome(self.request.job_id, self.ledger.executed, terminal, self.steps_at_stop)
 
     async def _end_stopped(self, reason: ProtocolError) -> JobOutcome:
         job_id = self.request.job_id
@@ -141,11 +148,9 @@ class RunningJob:
             await self._send_quietly(Cancelled(job_id=job_id, steps=self.ledger.executed))
             terminal = "cancelled"
         else:
-            await self._send_quietly(
-                Error(code=reason.code.value, message=reason.message, job_id=job_id)
-            )
+            await self._send_quietly(error_message(reason.code.value, reason.message, job_id))
             terminal = "error"
-        return JobOutcome(self.ledger.executed, float(self.ledger.earned), terminal)
+        return self._outcome(terminal)
 
     async def _send_quietly(self, message: Message) -> None:
         """Send a terminal message unless the connection is already gone."""
@@ -202,9 +207,7 @@ class RunningJob:
             announced = True
 
     def on_step_end(self, step: int, latents: torch.Tensor) -> None:
-        with self._cond:
-            if self._stop is not None:
-                raise JobStopped(self._stop)
+        """Report a completed step (it was paid for); a stop takes effect before the next."""
         req = self.request
         total = self.ledger.total_steps
         if req.preview_method != "none" and (step % req.preview_every == 0 or step == total):

@@ -13,6 +13,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -23,7 +24,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from orchestrator.config import ModelEntry
-from orchestrator.jobs import RunningJob
+from orchestrator.jobs import JobOutcome, RunningJob
 from orchestrator.peer import Peer
 from pipelines.errors import InvalidRequest, ModelNotFound
 from pipelines.loader import LoadedModel, load_model
@@ -44,6 +45,7 @@ from protocol.messages import (
     Message,
     Payment,
     Role,
+    error_message,
 )
 from protocol.pm import MAX_UINT256, address_of
 from protocol.pricing import job_fee
@@ -95,6 +97,8 @@ class ModelSlot:
 
 @dataclass
 class Stats:
+    outcomes: deque[JobOutcome] = field(default_factory=lambda: deque(maxlen=100))
+    """The most recent finished jobs, newest last."""
     jobs_accepted: int = 0
     jobs_refused: int = 0
     steps_executed: int = 0
@@ -211,7 +215,7 @@ class Orchestrator:
         except ProtocolError as err:
             self.stats.jobs_refused += 1
             log.info("job %s refused: %s", req.job_id, err)
-            await peer.send(Error(code=err.code.value, message=err.message, job_id=req.job_id))
+            await peer.send(error_message(err.code.value, err.message, req.job_id))
             return None
         params = req.params
         steps = executed_steps(params, model)
@@ -219,7 +223,7 @@ class Orchestrator:
         price = slot.entry.price_per_pixel_step
         fee_per_step = job_fee(pixels, 1, price)
         window_fee = fee_per_step * min(req.preview_every, steps)
-        face_value, win_prob = ticket_odds(window_fee, self.config.face_value, MAX_UINT256)
+        face_value, win_prob = ticket_odds(window_fee, self.config.face_value)
         ticket_params = self.recipient.issue_params(
             peer.sender,
             face_value,
@@ -294,6 +298,7 @@ class Orchestrator:
         finally:
             slot.in_use -= 1
         self.stats.steps_executed += outcome.steps_executed
+        self.stats.outcomes.append(outcome)
         log.info(
             "job %s ended (%s) after %d steps",
             job.request.job_id,

@@ -228,6 +228,25 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ValueError("msgpack extension types are not used by this protocol")
 
 
+def _unpack(frame: bytes) -> Any:
+    """One msgpack value with no extension types at all.
+
+    msgpack decodes its Timestamp extension (-1) itself, bypassing ext_hook,
+    so such values are rejected after the fact, wherever they sit.
+    """
+    value = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext)
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, msgpack.Timestamp):
+            raise ValueError("msgpack extension types are not used by this protocol")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
 def decode(frame: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
     """Parse one frame into a message, or raise ProtocolError with the first rule broken."""
     if len(frame) > max_frame_bytes:
@@ -235,7 +254,7 @@ def decode(frame: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Mess
             ErrorCode.FRAME_TOO_LARGE, f"frame of {len(frame)} bytes exceeds {max_frame_bytes}"
         )
     try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_no_ext)
+        raw = _unpack(frame)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(ErrorCode.MALFORMED_FRAME, f"not one msgpack value: {exc}") from None
     if type(raw) is not dict:
@@ -251,7 +270,7 @@ def decode(frame: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Mess
     name = raw.get("type")
     cls = MESSAGE_TYPES.get(name) if type(name) is str else None
     if cls is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type {name!r}")
+        raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type {name!r:.80}")
     _, dec = _struct_codec(cls)
     return dec(raw, name)
 

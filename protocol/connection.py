@@ -29,6 +29,7 @@ from protocol.messages import (
     Progress,
     Result,
     Role,
+    error_message,
 )
 
 
@@ -93,14 +94,20 @@ class Connection:
         return message
 
     def send(self, message: Message) -> bytes:
-        """Encode a message of ours and advance the state; refuses one not allowed now."""
+        """Encode a message of ours and advance the state.
+
+        Refuses (ProtocolError, state unchanged) a message not allowed now or
+        one the peer would refuse: we never put an invalid frame on the wire.
+        """
+        frame = codec.encode(message)
+        codec.decode(frame, self.max_frame_bytes)
         self._advance(message, self.role)
-        return codec.encode(message)
+        return frame
 
     def error_frame(self, error: ProtocolError) -> bytes:
         """The frame that reports a fatal error to the peer; closes the connection."""
         self.state = State.CLOSED
-        return codec.encode(Error(code=error.code.value, message=error.message))
+        return codec.encode(error_message(error.code.value, error.message))
 
     def can_send(self) -> frozenset[type[Message]]:
         """The message types this side may send in the current state."""
@@ -118,16 +125,17 @@ class Connection:
                 ErrorCode.UNEXPECTED_MESSAGE,
                 f"'{message.TYPE}' is never sent by the {sender.value}",
             )
-        self.state = self._next_state(message)
+        self.state = self._next_state(message, sender)
 
-    def _next_state(self, message: Message) -> State:
+    def _next_state(self, message: Message, sender: Role) -> State:
         state = self.state
         if state is State.CLOSED:
             raise ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, "the connection is closed")
         if isinstance(message, Error):
             if message.job_id is None:
                 return State.CLOSED
-            if state in (State.JOB_REQUESTED, State.JOB_RUNNING):
+            # Only the orchestrator ends a job with an error (spec 5).
+            if sender is Role.ORCHESTRATOR and state in (State.JOB_REQUESTED, State.JOB_RUNNING):
                 self._check_job(message.job_id)
                 return State.READY
             raise self._unexpected(message)
@@ -135,6 +143,11 @@ class Connection:
         if target is None:
             raise self._unexpected(message)
         if isinstance(message, JobRequest):
+            if message.job_id == self.job_id:
+                raise ProtocolError(
+                    ErrorCode.INVALID_FIELD,
+                    f"job.job_id: {message.job_id!r} was the previous job's id on this connection",
+                )
             self.job_id = message.job_id
         else:
             self._check_job(getattr(message, "job_id", self.job_id))

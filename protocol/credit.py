@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.pm import MAX_UINT256
 
 
 @dataclass
@@ -48,6 +49,8 @@ class JobCredit:
         """Record that step `step` (1-based) runs; refuses an unpaid or out-of-order step."""
         if step != self.executed + 1:
             raise ValueError(f"step {step} out of order after {self.executed}")
+        if step > self.total_steps:
+            raise ValueError(f"step {step} is beyond the job's {self.total_steps} steps")
         if not self.may_execute(step):
             raise ProtocolError(ErrorCode.PAYMENT_TIMEOUT, f"step {step} is not covered by credit")
         self.executed = step
@@ -99,7 +102,7 @@ class PaymentSchedule:
         return (self.window_steps + self.lead_steps) * self.fee_per_step + self.ticket_ev
 
 
-def ticket_odds(window_fee: Fraction, face_value: int, max_win_prob: int) -> tuple[int, int]:
+def ticket_odds(window_fee: Fraction, face_value: int) -> tuple[int, int]:
     """Face value and win probability whose EV is one window's fee, rounded up by < 1 wei.
 
     Rounding up, not down, is deliberate: a ticket worth a hair less than a
@@ -110,8 +113,8 @@ def ticket_odds(window_fee: Fraction, face_value: int, max_win_prob: int) -> tup
     if face_value <= 0:
         raise ValueError("face value must be positive")
     if window_fee >= face_value:
-        return max(1, math.ceil(window_fee)), max_win_prob
-    win_prob = math.ceil(window_fee * max_win_prob / face_value)
+        return max(1, math.ceil(window_fee)), MAX_UINT256
+    win_prob = math.ceil(window_fee * MAX_UINT256 / face_value)
     return face_value, max(1, win_prob)
 
 

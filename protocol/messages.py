@@ -265,6 +265,14 @@ class Error(Message):
     job_id: JobId | None = None
 
 
+def error_message(code: str, message: str, job_id: str | None = None) -> Error:
+    """An Error that always fits its field limits (messages may quote peer input)."""
+    limit = 1024
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return Error(code=code, message=message, job_id=job_id)
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -58,26 +57,36 @@ class PaymentReceipt:
     error: ProtocolError | None = None
 
 
+class LedgerFull(Exception):
+    """Every slot holds unexpired parameters: forgetting one would allow replays."""
+
+
 class NonceLedger:
     """Sender nonces seen per recipient_rand_hash, bounded in memory.
 
-    Keeps at most `max_rands` rand hashes (oldest forgotten first, and those
-    past their expiration block on `prune`) with at most
-    MAX_NONCES_PER_RAND nonces each; a full rand refuses further tickets.
+    Keeps at most `max_rands` rand hashes with at most MAX_NONCES_PER_RAND
+    nonces each. Rands past their expiration block are forgotten (their
+    tickets are refused as expired anyway); when the ledger is full of live
+    ones it refuses new parameters rather than forget nonces that could
+    then be replayed.
     """
 
     def __init__(self, max_rands: int = 100_000) -> None:
         self.max_rands = max_rands
-        self._seen: OrderedDict[bytes, tuple[int, set[int]]] = OrderedDict()
+        self._seen: dict[bytes, tuple[int, set[int]]] = {}
 
-    def check_and_record(self, rand_hash: bytes, nonce: int, expiration_block: int) -> bool:
+    def check_and_record(
+        self, rand_hash: bytes, nonce: int, expiration_block: int, current_block: int
+    ) -> bool:
         """True, and remembered, when the nonce is new for this rand; False on a replay."""
         entry = self._seen.get(rand_hash)
         if entry is None:
+            if len(self._seen) >= self.max_rands:
+                self.prune(current_block)
+                if len(self._seen) >= self.max_rands:
+                    raise LedgerFull(f"{self.max_rands} ticket parameters are live")
             entry = (expiration_block, set())
             self._seen[rand_hash] = entry
-            while len(self._seen) > self.max_rands:
-                self._seen.popitem(last=False)
         nonces = entry[1]
         if nonce in nonces or len(nonces) >= MAX_NONCES_PER_RAND:
             return False
@@ -185,9 +194,19 @@ class Recipient:
                     ErrorCode.TICKET_BAD_SIGNATURE, "ticket was not signed by its sender"
                 )
                 return receipt
-            if not self.nonces.check_and_record(
-                params.recipient_rand_hash, signed.sender_nonce, params.expiration_block
-            ):
+            try:
+                fresh = self.nonces.check_and_record(
+                    params.recipient_rand_hash,
+                    signed.sender_nonce,
+                    params.expiration_block,
+                    current_block,
+                )
+            except LedgerFull as exc:
+                receipt.error = ProtocolError(
+                    ErrorCode.INTERNAL_ERROR, f"cannot take tickets now ({exc}); retry later"
+                )
+                return receipt
+            if not fresh:
                 receipt.error = ProtocolError(
                     ErrorCode.TICKET_NONCE_REPLAYED,
                     f"sender_nonce {signed.sender_nonce} already used for these parameters",
