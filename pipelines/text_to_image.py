@@ -9,6 +9,7 @@ run_text_to_image unchanged and the GPU stops within one step.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -96,6 +97,20 @@ def _generators(device: str, seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(seed + i) for i in range(count)]
 
 
+def job_pipeline(model: LoadedModel) -> Any:
+    """A pipeline for one job: the model's weights, its own scheduler and run state.
+
+    A diffusers pipeline keeps per-run state (the scheduler's timesteps and
+    step index, guidance scale, interrupt flag), so two jobs on one model
+    would corrupt each other. A shallow copy with a fresh scheduler shares
+    the weights and isolates the rest.
+    """
+    pipe = copy.copy(model.pipe)
+    scheduler = model.pipe.scheduler
+    pipe.scheduler = type(scheduler).from_config(scheduler.config)
+    return pipe
+
+
 def run_text_to_image(
     model: LoadedModel, params: TextToImageParams, hooks: StepHooks, seed: int
 ) -> list[Image.Image]:
@@ -103,10 +118,10 @@ def run_text_to_image(
 
     Calls wait_for_step(1) before any work, then after step k on_step_end(k)
     and, unless k is the last step, wait_for_step(k + 1). Exceptions from the
-    hooks propagate unchanged. The pipeline must not be shared by two jobs at once.
+    hooks propagate unchanged. Safe to call for several jobs on one model at once.
     """
     validate_text_to_image(params)
-    pipe = model.pipe
+    pipe = job_pipeline(model)
 
     def on_step_end(
         _pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]

@@ -52,7 +52,9 @@ def small(steps: int = 6, **kw: object) -> TextToImageParams:
 
 async def run_job(url: str, params: TextToImageParams, every: int, **kw: object) -> list:
     async with BroadcasterSession(url, secrets.token_bytes(32)) as session:
-        return [e async for e in session.generate(params, model_id=TINY_SD, preview_every=every, **kw)]
+        return [
+            e async for e in session.generate(params, model_id=TINY_SD, preview_every=every, **kw)
+        ]
 
 
 async def test_job_end_to_end(running: RunningOrchestrator) -> None:
@@ -120,8 +122,13 @@ async def test_no_step_without_credit(tiny_model: object) -> None:
             client = RawClient(ws)
             await client.hello()
             await client.send(
-                JobRequest(job_id="j", pipeline="text-to-image", model_id=TINY_SD,
-                           params=small(6), preview_every=2)
+                JobRequest(
+                    job_id="j",
+                    pipeline="text-to-image",
+                    model_id=TINY_SD,
+                    params=small(6),
+                    preview_every=2,
+                )
             )
             accepted = await client.recv()
             assert isinstance(accepted, JobAccepted)
@@ -233,7 +240,17 @@ async def test_cancel_stops_within_a_step(running: RunningOrchestrator) -> None:
         # The connection stays usable after a cancelled job.
         after = [e async for e in session.generate(small(2), model_id=TINY_SD)]
     assert isinstance(events[-1], JobError) and events[-1].code == "cancelled"
+    cancelled = running.orch.stats.outcomes[0]
+    assert cancelled.terminal == "cancelled" and cancelled.steps_at_stop is not None
+    # At most the step in flight when the cancel arrived completes (spec X1)...
+    assert cancelled.steps_executed <= cancelled.steps_at_stop + 1 < steps
+    # ...every executed step was reported to the broadcaster...
     last_step = max(e.step for e in events if isinstance(e, ProgressUpdate))
-    assert last_step <= 4  # the step in flight when cancel arrived, no more
-    assert running.orch.stats.steps_executed - 2 == last_step
+    assert last_step == cancelled.steps_executed
+    # ...and nothing was paid after the cancel.
+    payments = [i for i, e in enumerate(events) if isinstance(e, PaymentSent)]
+    cancel_at = next(
+        i for i, e in enumerate(events) if isinstance(e, ProgressUpdate) and e.step == 3
+    )
+    assert all(i < cancel_at for i in payments)
     assert isinstance(after[-1], JobResult)

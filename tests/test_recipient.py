@@ -21,9 +21,9 @@ from protocol.pm import (
     ticket_ev,
 )
 from protocol.recipient import (
-    LedgerFull,
     MAX_NONCES_PER_RAND,
     ZERO_ADDRESS,
+    LedgerFull,
     NonceLedger,
     PaymentReceipt,
     Recipient,
