@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from coincurve import PrivateKey, PublicKey
-from eth_hash.auto import keccak
-from eth_utils import to_checksum_address
+from Crypto.Hash import keccak as _keccak
 
 __all__ = [
     "MAX_UINT256",
@@ -50,6 +49,22 @@ _HALF_N = SECP256K1_N // 2
 _PERSONAL_PREFIX = b"\x19Ethereum Signed Message:\n32"
 _ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
 _SIG_LEN = 65
+
+
+def keccak(data: bytes) -> bytes:
+    """Ethereum's Keccak-256 (not SHA3-256: the padding differs)."""
+    return _keccak.new(digest_bits=256, data=data).digest()
+
+
+def to_checksum_address(address: str | bytes) -> str:
+    """EIP-55 mixed-case form of an address given as 20 bytes or hex."""
+    raw = address.hex() if isinstance(address, bytes) else address.lower().removeprefix("0x")
+    if len(raw) != 40:
+        raise ValueError(f"an address is 20 bytes, got {len(raw) // 2}")
+    digest = keccak(raw.encode()).hex()[:40]
+    return "0x" + "".join(
+        c.upper() if int(d, 16) >= 8 else c for c, d in zip(raw, digest, strict=True)
+    )
 
 
 class InvalidSignature(ValueError):

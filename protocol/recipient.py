@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from eth_utils import to_checksum_address
-
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Payment, TicketParams
 from protocol.pm import (
@@ -26,6 +24,7 @@ from protocol.pm import (
     recipient_rand_hash,
     recover_signer,
     ticket_ev,
+    to_checksum_address,
 )
 
 ZERO_ADDRESS = bytes(20)

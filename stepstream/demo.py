@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import select
 import subprocess
 import sys
 import time
@@ -32,61 +33,57 @@ STEPS, PREVIEW_EVERY, SIZE = 24, 4, 128
 PRICE_PER_UNIT = 4_768_371  # wei per output pixel, as in go-livepeer's examples
 
 
+def write_ai_models(path: Path, price_per_unit: int = PRICE_PER_UNIT) -> Path:
+    """A go-livepeer aiModels.json offering the tiny model, warm."""
+    entry = {
+        "pipeline": "text-to-image",
+        "model_id": TINY_SD,
+        "warm": True,
+        "capacity": 1,
+        "price_per_unit": price_per_unit,
+        "pixels_per_unit": 1,
+    }
+    path.write_text(json.dumps([entry], indent=2))
+    return path
+
+
 @contextmanager
-def orchestrator_process(out: Path, startup_timeout: float = 120.0) -> Iterator[str]:
-    """Start `stepstream orchestrator` on 127.0.0.1 and a free port; yield its URL."""
-    models = out / "aiModels.json"
-    models.write_text(
-        json.dumps(
-            [
-                {
-                    "pipeline": "text-to-image",
-                    "model_id": TINY_SD,
-                    "warm": True,
-                    "capacity": 1,
-                    "price_per_unit": PRICE_PER_UNIT,
-                    "pixels_per_unit": 1,
-                }
-            ],
-            indent=2,
-        )
-    )
+def orchestrator_process(out: Path, startup_timeout: float = 180.0) -> Iterator[str]:
+    """Run `stepstream orchestrator` on 127.0.0.1 and a free port; yield its ws:// URL."""
+    models = write_ai_models(out / "aiModels.json")
     write_new_key(out / "orchestrator.key")
-    log = (out / "orchestrator.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stepstream.cli",
-            "orchestrator",
-            "--models",
-            str(models),
-            "--key",
-            str(out / "orchestrator.key"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + startup_timeout
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("listening on "):
-                yield line.split()[-1]
-                break
-            if time.monotonic() > deadline:
-                break
-        else:
-            raise RuntimeError(f"orchestrator exited early; see {out / 'orchestrator.log'}")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+    log_path = out / "orchestrator.log"
+    command = [
+        sys.executable, "-m", "stepstream.cli", "orchestrator", "--models", str(models),
+        "--key", str(out / "orchestrator.key"), "--host", "127.0.0.1", "--port", "0",
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            yield _wait_for_url(proc, startup_timeout, log_path)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_for_url(proc: subprocess.Popen[str], timeout: float, log_path: Path) -> str:
+    """Read the child's stdout until its `listening on URL` line, within `timeout`."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"orchestrator exited ({proc.wait()}); see {log_path}")
+        if line.startswith("listening on "):
+            return line.split()[-1]
+    raise RuntimeError(f"orchestrator did not start within {timeout:g} s; see {log_path}")
 
 
 def save_strip(frames: list[Image.Image], path: Path) -> None:
