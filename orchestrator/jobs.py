@@ -14,10 +14,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import anyio
 import anyio.from_thread
 import torch
+from PIL import Image
 
 from pipelines.loader import LoadedModel
 from pipelines.previews import make_preview
@@ -85,10 +87,10 @@ class RunningJob:
 
     # ------------------------------------------------- called from the loop
 
-    def add_credit(self, ev: object) -> int:
+    def add_credit(self, ev: Fraction) -> int:
         """Credit EV to the job and wake the pipeline; returns the covered steps."""
         with self._cond:
-            self.ledger.add(ev)  # type: ignore[arg-type]
+            self.ledger.add(ev)
             self._cond.notify_all()
             return self.ledger.covered_steps
 
@@ -159,7 +161,7 @@ class RunningJob:
 
     # ---------------------------------------- called from the worker thread
 
-    def _run_blocking(self) -> list:
+    def _run_blocking(self) -> list[Image.Image]:
         return run_text_to_image(self.model, self.request.params, self, self.seed)
 
     def _emit(self, message: Message) -> None:
@@ -239,7 +241,7 @@ class RunningJob:
         )
 
 
-def _png(image: object) -> bytes:
+def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG")  # type: ignore[attr-defined]
+    image.save(buf, format="PNG")
     return buf.getvalue()
