@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from pipelines.loader import LoadedModel
-from pipelines.previews import make_preview
+from pipelines.previews import make_preview, noise_scales
 from pipelines.text_to_image import run_text_to_image
 from protocol.credit import JobCredit
 from protocol.errors import ErrorCode, ProtocolError
@@ -80,6 +80,7 @@ class RunningJob:
         self.seed = seed
         self._send = send
         self.payment_timeout = payment_timeout
+        self._preview_scales = noise_scales(model, request.params.num_inference_steps)
         self._cond = threading.Condition()
         self._stop: ProtocolError | None = None
         self.steps_at_stop: int | None = None
@@ -213,9 +214,10 @@ class RunningJob:
         req = self.request
         total = self.ledger.total_steps
         if req.preview_method != "none" and (step % req.preview_every == 0 or step == total):
+            scale = self._preview_scales[min(step, len(self._preview_scales) - 1)]
             data, width, height = make_preview(
                 self.model,
-                latents,
+                latents / scale,
                 req.preview_method,
                 req.preview_format,
                 PREVIEW_MAX_SIDE,

@@ -8,6 +8,7 @@ message: latent_rgb costs a 4x3 matrix multiply, vae a full decode.
 from __future__ import annotations
 
 import io
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -193,3 +194,21 @@ def make_preview(
     else:
         raise ValueError(f"unknown preview method {method!r}; expected one of {METHODS}")
     return encode_preview(images, fmt=fmt, max_side=max_side, max_bytes=max_bytes)
+
+
+def noise_scales(model: LoadedModel, num_inference_steps: int) -> list[float]:
+    """Per completed step k, the factor that brings the latents back to unit variance.
+
+    Euler-family schedulers keep latents at variance sigma_k^2 + 1 (sigma_max
+    is ~15 for SD), which a preview would show as saturated noise until the
+    last steps; dividing by sqrt(sigma_k^2 + 1) shows what variance-preserving
+    schedulers (DDIM, PNDM) already give, and is 1 at the end. Schedulers
+    without sigmas need no scaling.
+    """
+    scheduler = model.pipe.scheduler
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(num_inference_steps, device="cpu")
+    sigmas = getattr(probe, "sigmas", None)
+    if sigmas is None:
+        return [1.0] * (len(probe.timesteps) + 1)
+    return [math.sqrt(float(s) ** 2 + 1.0) for s in sigmas]

@@ -68,6 +68,7 @@ async def test_job_end_to_end(running: RunningOrchestrator) -> None:
     assert len(previews) == math.ceil(steps / every)
     for p in previews:
         Image.open(io.BytesIO(p.image)).verify()
+    assert len({p.image for p in previews}) == len(previews), "previews must show progress"
 
     result = events[-1]
     assert isinstance(result, JobResult)

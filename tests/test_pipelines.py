@@ -267,3 +267,12 @@ def test_concurrent_jobs_on_one_model_match_sequential_runs(model: LoadedModel) 
     with ThreadPoolExecutor(2) as pool:
         concurrent = list(pool.map(job, [5, 9], [1, 2]))
     assert concurrent == sequential
+
+
+def test_noise_scales_bring_euler_latents_to_unit_variance(model: LoadedModel) -> None:
+    from pipelines.previews import noise_scales
+
+    scales = noise_scales(model, 6)
+    assert len(scales) == 7
+    assert scales == sorted(scales, reverse=True)
+    assert scales[0] > 2 and scales[-1] == 1.0
