@@ -122,11 +122,16 @@ class Orchestrator:
         self.stats = Stats()
         self.metrics = OrchestratorMetrics()
 
-    async def load_warm_models(self) -> None:
-        """Load every model marked warm before accepting connections."""
+    async def load_warm_models(self, on_loaded: Callable[[str], None] | None = None) -> None:
+        """Load every model marked warm before accepting connections.
+
+        `on_loaded(model_id)` runs after each one (the CLI's progress bar).
+        """
         for slot in self.slots.values():
             if slot.entry.warm:
                 await self._ensure_loaded(slot)
+                if on_loaded is not None:
+                    on_loaded(slot.entry.model_id)
 
     async def _ensure_loaded(self, slot: ModelSlot) -> LoadedModel:
         async with slot.load_lock:

@@ -237,3 +237,17 @@ async def test_openapi_document_is_valid(running: RunningOrchestrator, tmp_path:
     t2i = doc["components"]["schemas"]["TextToImageParams"]
     assert t2i["required"] == ["prompt"]
     assert t2i["properties"]["num_inference_steps"]["default"] == 50
+
+
+def test_gateway_command_refuses_bad_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from stepstream.cli import main
+
+    key = tmp_path / "gw.key"
+    key.write_text("0x" + "11" * 32)
+    assert main(["gateway", "--orchestrators", "http://127.0.0.1:1", "--key", str(key)]) == 2
+    assert "ws://host:port" in capsys.readouterr().err
+    missing = str(tmp_path / "none.key")
+    assert main(["gateway", "--orchestrators", "ws://127.0.0.1:1", "--key", missing]) == 2
+    assert "cannot read key file" in capsys.readouterr().err
