@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from orchestrator.config import ModelEntry
 from orchestrator.jobs import JobOutcome, RunningJob
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.peer import Peer
 from pipelines.errors import InvalidRequest, ModelNotFound
 from pipelines.loader import LoadedModel, load_model
@@ -44,12 +45,14 @@ from protocol.messages import (
     JobRequest,
     Message,
     Payment,
+    Preview,
     Role,
     error_message,
 )
 from protocol.pm import MAX_UINT256, address_of
 from protocol.pricing import job_fee
 from protocol.recipient import NonceLedger, Recipient, WinningTicket
+from stepstream.logs import current_job_id
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +120,18 @@ class Orchestrator:
         self.recipient = Recipient(self.address, secret.digest(), NonceLedger())
         self.slots = {(e.pipeline, e.model_id): ModelSlot(e) for e in config.models}
         self.stats = Stats()
+        self.metrics = OrchestratorMetrics()
 
-    async def load_warm_models(self) -> None:
-        """Load every model marked warm before accepting connections."""
+    async def load_warm_models(self, on_loaded: Callable[[str], None] | None = None) -> None:
+        """Load every model marked warm before accepting connections.
+
+        `on_loaded(model_id)` runs after each one (the CLI's progress bar).
+        """
         for slot in self.slots.values():
             if slot.entry.warm:
                 await self._ensure_loaded(slot)
+                if on_loaded is not None:
+                    on_loaded(slot.entry.model_id)
 
     async def _ensure_loaded(self, slot: ModelSlot) -> LoadedModel:
         async with slot.load_lock:
@@ -142,6 +151,8 @@ class Orchestrator:
             # frame_too_large; larger ones are closed by websockets with 1009.
             max_size=2 * self.config.max_frame_bytes,
             compression=None,
+            # Plain HTTP `GET /metrics` on the same port (spec 3).
+            process_request=self.metrics.process_request,
         )
 
     # ------------------------------------------------------------ connections
@@ -210,10 +221,12 @@ class Orchestrator:
 
     async def _admit(self, peer: Peer, req: JobRequest) -> tuple[RunningJob, ModelSlot] | None:
         """Accept the job (quote + ticket params) or refuse it before any payment."""
+        current_job_id.set(req.job_id)
         try:
             slot, model = await self._check(req)
         except ProtocolError as err:
             self.stats.jobs_refused += 1
+            self.metrics.jobs.labels(req.pipeline, req.model_id, f"refused:{err.code.value}").inc()
             log.info("job %s refused: %s", req.job_id, err)
             await peer.send(error_message(err.code.value, err.message, req.job_id))
             return None
@@ -237,7 +250,7 @@ class Orchestrator:
             model,
             JobCredit(fee_per_step, steps),
             seed,
-            lambda m: peer.send(m),
+            lambda m: self._send_counted(peer, req, m),
             self.config.payment_timeout,
         )
         slot.in_use += 1
@@ -292,11 +305,19 @@ class Orchestrator:
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, str(exc)) from None
         return slot, model
 
+    async def _send_counted(self, peer: Peer, req: JobRequest, message: Message) -> None:
+        if isinstance(message, Preview):
+            self.metrics.preview_bytes.labels(req.pipeline, req.model_id).inc(len(message.image))
+        await peer.send(message)
+
     async def _run(self, job: RunningJob, slot: ModelSlot) -> None:
+        current_job_id.set(job.request.job_id)
+        started = time.monotonic()
         try:
             outcome = await job.run()
         finally:
             slot.in_use -= 1
+        self._observe(job.request, outcome, time.monotonic() - started)
         self.stats.steps_executed += outcome.steps_executed
         self.stats.outcomes.append(outcome)
         log.info(
@@ -306,12 +327,24 @@ class Orchestrator:
             outcome.steps_executed,
         )
 
+    def _observe(self, req: JobRequest, outcome: JobOutcome, seconds: float) -> None:
+        labels = (req.pipeline, req.model_id)
+        m = self.metrics
+        m.jobs.labels(*labels, outcome.terminal).inc()
+        m.steps.labels(*labels).inc(outcome.steps_executed)
+        if outcome.steps_executed and seconds > 0:
+            m.step_seconds.labels(*labels).observe(seconds / outcome.steps_executed)
+            m.steps_per_second.labels(*labels).observe(outcome.steps_executed / seconds)
+
     # ------------------------------------------------------------ payments
 
     async def _take_payment(self, peer: Peer, payment: Payment, job: RunningJob | None) -> None:
         receipt = self.recipient.receive(payment, self.config.current_block())
         self.stats.tickets_received += receipt.accepted
         self.stats.ev_received += receipt.ev
+        self.metrics.tickets_received.inc(receipt.accepted)
+        self.metrics.ev_received.inc(float(receipt.ev))
+        self.metrics.tickets_won.inc(len(receipt.winners))
         for winner in receipt.winners:
             # Off-chain mode: winners are kept, not redeemed (spec 8.6).
             log.info(

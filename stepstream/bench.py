@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import anyio
 import torch
+from tqdm import tqdm
 
 from broadcaster.events import JobError, JobResult
 from broadcaster.session import BroadcasterSession
@@ -76,7 +77,7 @@ async def bench(
     async with orch.serve("127.0.0.1", 0) as server:
         url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         await time_network(url, model.model_id, params, every)  # warm-up, not counted
-        for i in range(runs):
+        for i in tqdm(range(runs), unit="run", desc="bench (direct + network)"):
             if i % 2 == 0:
                 result.direct.append(await anyio.to_thread.run_sync(time_direct, model, params))
                 result.network.append(await time_network(url, model.model_id, params, every))
@@ -87,7 +88,9 @@ async def bench(
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
+    with tqdm(total=1, unit="model", desc=f"loading {args.model}") as bar:
+        model = load_model(args.model)
+        bar.update(1)
     params = TextToImageParams(
         prompt="a lighthouse at dusk",
         width=args.size,

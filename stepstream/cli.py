@@ -1,4 +1,4 @@
-"""The `stepstream` command: orchestrator, generate, bench."""
+"""The `stepstream` command: orchestrator, gateway, generate, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from fractions import Fraction
 from pathlib import Path
 
 import anyio
+
+from stepstream.logs import configure_logging
 
 
 def _fraction(text: str) -> Fraction:
@@ -58,6 +60,19 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--key", type=Path, default=None, help="key file; a throwaway key if absent")
     gen.add_argument("--out", required=True, type=Path, help="image file to write (PNG)")
 
+    gw = sub.add_parser("gateway", help="serve the Livepeer AI API and live job streams to apps")
+    gw.add_argument(
+        "--orchestrators", required=True, help="ws://host:port[,ws://host:port...], tried in order"
+    )
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, default=8937)
+    gw.add_argument("--key", required=True, type=Path, help="file with the hex private key")
+    gw.add_argument("--outputs", type=Path, default=Path("gateway-outputs"), help="output folder")
+    gw.add_argument("--token-file", type=Path, default=None, help="require this bearer token")
+    gw.add_argument(
+        "--max-price", type=_fraction, default=None, help="most wei per pixel-step to pay"
+    )
+
     bench = sub.add_parser("bench", help="network job vs. direct pipeline, side by side")
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--steps", type=int, default=20)
@@ -70,15 +85,21 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     quiet = args.command in ("bench", "generate")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
     # Imports here keep `stepstream --help` fast (torch is slow to import).
     if args.command == "orchestrator":
         from stepstream.run_orchestrator import run_orchestrator
 
         return anyio.run(run_orchestrator, args)
+    if args.command == "gateway":
+        from stepstream.run_gateway import orchestrator_urls, run_gateway
+
+        try:
+            args.orchestrators = orchestrator_urls(args.orchestrators)
+        except argparse.ArgumentTypeError as exc:
+            print(f"stepstream gateway: {exc}", file=sys.stderr)
+            return 2
+        return anyio.run(run_gateway, args)
     if args.command == "generate":
         from stepstream.generate import run_generate
 

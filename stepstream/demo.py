@@ -26,6 +26,7 @@ from broadcaster.events import JobError, JobResult, PreviewFrame
 from broadcaster.session import BroadcasterSession
 from pipelines.tiny import TINY_SD
 from protocol.messages import TextToImageParams
+from stepstream.demo_gateway import demo_gateway
 from stepstream.generate import image_path, preview_path
 from stepstream.keys import write_new_key
 
@@ -123,6 +124,7 @@ async def run_demo(out: Path) -> int:
                     return 1
                 elif isinstance(event, JobResult):
                     result = event
+        await demo_gateway(out, url)
     for i, img in enumerate(result.images):
         image_path(image, i).write_bytes(img.image)
     save_strip(frames, out / "previews-strip.png")

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from tqdm import tqdm
+
 from orchestrator.config import ConfigError, load_ai_models
 from orchestrator.server import DEFAULT_FACE_VALUE, Orchestrator, OrchestratorConfig
 from stepstream.keys import KeyFileError, load_private_key
@@ -29,11 +31,15 @@ async def run_orchestrator(args: argparse.Namespace) -> int:
     orch = Orchestrator(config)
     log.info("recipient address %s", orch.address)
     log.info("no chain configured: tickets are checked and counted, winners kept, not redeemed")
+    warm = sum(1 for m in models if m.warm)
+    bar = tqdm(total=warm, unit="model", desc="loading models", file=sys.stderr, disable=not warm)
     try:
-        await orch.load_warm_models()
+        await orch.load_warm_models(on_loaded=lambda model_id: bar.update(1))
     except Exception as exc:
         print(f"stepstream orchestrator: cannot load a warm model: {exc}", file=sys.stderr)
         return 2
+    finally:
+        bar.close()
     try:
         async with orch.serve(args.host, args.port) as server:
             host, port = server.sockets[0].getsockname()[:2]

@@ -1,0 +1,50 @@
+"""Running a gateway under uvicorn on a socket we bind ourselves.
+
+Binding first means port 0 works (the OS picks a free port and we know it
+before serving) and clients may connect at once: the kernel queues them
+until uvicorn accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+import anyio
+import uvicorn
+
+from broadcaster.gateway.app import Gateway
+
+
+@contextlib.asynccontextmanager
+async def serving(gateway: Gateway, host: str, port: int) -> AsyncIterator[str]:
+    """Serve the gateway on host:port; yield its base URL ("http://host:port")."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(
+        gateway.app,
+        log_level="warning",
+        ws="websockets-sansio",
+        lifespan="on",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            try:
+                yield f"http://{shown}:{bound}"
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()

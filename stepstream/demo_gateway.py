@@ -1,0 +1,59 @@
+"""The demo's gateway: `stepstream gateway` in front of the demo's orchestrator.
+
+Started beside the demo's own job, it prints its address so a person can
+open the page and watch a job; it runs one job through the Livepeer
+text-to-image route to show the REST side, and when the demo runs in a
+terminal it stays up until Enter is pressed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+
+from stepstream.keys import write_new_key
+
+
+@contextmanager
+def gateway_process(out: Path, orchestrator_url: str, timeout: float = 60.0) -> Iterator[str]:
+    """Start `stepstream gateway` on 127.0.0.1 and a free port; yield its URL."""
+    write_new_key(out / "gateway.key")
+    log = (out / "gateway.log").open("w")
+    command = [sys.executable, "-m", "stepstream.cli", "gateway"]
+    command += ["--orchestrators", orchestrator_url, "--key", str(out / "gateway.key")]
+    command += ["--host", "127.0.0.1", "--port", "0", "--outputs", str(out / "gateway-outputs")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("gateway listening on "):
+                yield line.split()[-1]
+                break
+            if time.monotonic() > deadline:
+                break
+        else:
+            raise RuntimeError(f"gateway exited early; see {out / 'gateway.log'}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+async def demo_gateway(out: Path, orchestrator_url: str) -> None:
+    with gateway_process(out, orchestrator_url) as url:
+        print(f"\ngateway listening at {url}  (open it in a browser to run and watch a job)")
+        body = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_inference_steps": 12}
+        async with httpx.AsyncClient(timeout=120) as client:
+            response = await client.post(f"{url}/text-to-image", json=body)
+        print(f"  POST {url}/text-to-image -> {response.status_code} {response.text}")
+        print(f"  metrics at {url}/metrics, API at {url}/openapi.json")
+        if sys.stdin.isatty():
+            await anyio.to_thread.run_sync(input, "  press Enter to stop the gateway and finish ")

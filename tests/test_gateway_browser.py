@@ -1,0 +1,75 @@
+"""The gateway's page in a real headless browser: Debian's chromium driven by Playwright.
+
+Playwright never downloads a browser here: it launches /usr/bin/chromium
+(`make test` installs it). The screenshot is kept under out/test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.async_api import async_playwright
+
+from tests.conftest import RunningOrchestrator
+from tests.gateway_helpers import gateway_on_loopback
+
+pytestmark = pytest.mark.anyio
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
+
+
+async def test_page_shows_previews_progress_cost_and_result(
+    running: RunningOrchestrator, tmp_path: Path
+) -> None:
+    assert Path(CHROMIUM).exists(), "install Debian's chromium (make test does: apt-get install)"
+    async with (
+        gateway_on_loopback([running.url], tmp_path / "outputs") as gw,
+        async_playwright() as pw,
+    ):
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1200, "height": 820})
+            await page.goto(gw.url + "/")
+            await page.fill("#prompt", "a red lighthouse on a cliff at dusk")
+            await page.fill("#width", "64")
+            await page.fill("#height", "64")
+            await page.fill("#steps", "24")
+            await page.fill("#preview_every", "4")
+            await page.fill("#seed", "11")
+            await page.click("#submit")
+
+            result = page.locator("#result-media")
+            await result.wait_for(state="visible", timeout=60_000)
+            # The result image loaded from the gateway's output URL.
+            await page.wait_for_function(
+                "document.getElementById('result-media').naturalWidth === 64", timeout=10_000
+            )
+            preview = page.locator("#preview")
+            steps = (await preview.get_attribute("data-steps") or "").split(",")
+            assert int(await preview.get_attribute("data-changes") or 0) >= 2
+            assert steps == ["4", "8", "12", "16", "20", "24"]
+            assert "24 / 24" in await page.inner_text("#progress-text") or "done" in (
+                await page.inner_text("#progress-text")
+            )
+            assert "paid for a fee of" in await page.inner_text("#cost")
+            assert running.url in await page.inner_text("#orchestrator")
+            assert await page.inner_text("#status") == "done"
+
+            shot = tmp_path / "gateway-page.png"
+            await page.screenshot(path=str(shot), full_page=True)
+        finally:
+            await browser.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "gateway-page.png")
+    assert (ARTIFACTS / "gateway-page.png").stat().st_size > 10_000
