@@ -87,6 +87,7 @@ class Redeemer:
                 log.info("%s is already used on chain; not redeeming it again", label)
                 self.queue.mark_redeemed(ticket_hash, None, 0)
                 return
+            log.info("redeeming %s (attempt %d)", label, item.attempts + 1)
             redemption = self.settlement.redeem(item.winner)
         except Exception as exc:  # node down, revert, timeout: all retried
             reason = f"{type(exc).__name__}: {exc}"
