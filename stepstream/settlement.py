@@ -145,9 +145,15 @@ class OnChain(Settlement):
         return self._call(lambda: self.client.get_sender_info(sender))  # type: ignore[return-value]
 
     def redeem_cost(self) -> int:
-        """Wei one redemption costs now: REDEEM_GAS at the node's gas price."""
-        price = self._call(lambda: self.client.w3.eth.gas_price)
-        return REDEEM_GAS * int(price)  # type: ignore[call-overload]
+        """Wei one redemption costs now: REDEEM_GAS at the price stepstream.chain pays
+        (base fee + priority fee where the chain has a base fee, else the gas price)."""
+
+        def price() -> int:
+            eth = self.client.w3.eth
+            base_fee = eth.get_block("latest").get("baseFeePerGas")
+            return int(eth.gas_price if base_fee is None else base_fee + eth.max_priority_fee)
+
+        return REDEEM_GAS * int(self._call(price))  # type: ignore[call-overload]
 
     def is_redeemed(self, ticket_hash: bytes) -> bool:
         return bool(self._call(lambda: self.client.used_tickets(ticket_hash)))

@@ -112,7 +112,8 @@ async def test_face_value_stays_above_redemption_cost() -> None:
         [entry], private_key=key, settlement=chain.account(key), face_value=1
     )
     orch = Orchestrator(config)
-    cost = REDEEM_GAS * chain.w3.eth.gas_price
+    eth = chain.w3.eth
+    cost = REDEEM_GAS * (eth.get_block("latest")["baseFeePerGas"] + eth.max_priority_fee)
     assert cost > 0
     assert await orch.face_value() == 100 * cost
     # A window cheaper than that is paid by a ticket with the floor's face value.
@@ -194,3 +195,11 @@ async def test_queued_winners_are_redeemed_by_a_restarted_orchestrator(tmp_path:
     assert orch.winners.counts() == {PENDING: 0, REDEEMED: 2, FAILED: 0}
     assert all(chain.account(o_key).is_redeemed(r.ticket_hash) for r in orch.winners.all())
     assert json.dumps(orch.winners.counts())
+
+
+def test_ticket_bench_reports_rates_against_raw_coincurve() -> None:
+    from stepstream.bench_tickets import measure, report
+
+    rates = measure(seconds=0.05)
+    assert min(rates.sign, rates.verify, rates.raw_sign, rates.raw_recover) > 0
+    assert "x raw coincurve" in report(rates)
