@@ -60,6 +60,8 @@ class JobResult:
     seconds: float
     time_to_first_preview: float | None
     steps_per_second: float
+    winners: int = 0
+    """Winning tickets among those paid, as the orchestrator's credit messages counted."""
 
 
 @dataclass(frozen=True)

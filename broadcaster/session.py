@@ -12,6 +12,7 @@ protocol/credit.py says, so at most about one window is ever at risk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from protocol.messages import (
     Cancel,
     Cancelled,
     Capability,
+    Credit,
     Error,
     Hello,
     Info,
@@ -50,6 +52,7 @@ from protocol.messages import (
     Result,
     Role,
     TextToImageParams,
+    TicketParams,
 )
 from protocol.pm import ticket_ev
 from protocol.sender import TicketSender
@@ -174,6 +177,7 @@ class BroadcasterSession:
         rate = StepRate()
         schedule: PaymentSchedule | None = None
         accepted: JobAccepted | None = None
+        winners = 0
         try:
             await self._send(request)
             while True:
@@ -209,6 +213,20 @@ class BroadcasterSession:
                         yield event
                 elif isinstance(message, Progress):
                     assert accepted is not None and schedule is not None
+                    if message.ticket_params is not None:
+                        # Fresh parameters before the old ones expire (spec 8.9).
+                        problem = self._check_params(accepted, message.ticket_params)
+                        if problem is not None:
+                            await self._send(Cancel(job_id=job_id))
+                            yield JobError(job_id, problem.code.value, problem.message)
+                            await self._drain_to_end()
+                            return
+                        accepted = dataclasses.replace(
+                            accepted, ticket_params=message.ticket_params
+                        )
+                        schedule.ticket_ev = ticket_ev(
+                            message.ticket_params.face_value, message.ticket_params.win_prob
+                        )
                     rate.observe(time.monotonic(), message.step)
                     yield ProgressUpdate(
                         job_id,
@@ -241,8 +259,11 @@ class BroadcasterSession:
                         time.monotonic() - started,
                         first_preview,
                         rate.steps_per_second,
+                        winners,
                     )
                     return
+                elif isinstance(message, Credit):
+                    winners += message.winners
                 elif isinstance(message, Cancelled):
                     yield JobError(job_id, ErrorCode.CANCELLED.value, "the job was cancelled")
                     return
@@ -307,7 +328,16 @@ class BroadcasterSession:
             or quote.fee != pixels * quote.steps * cap.price_per_pixel_step
         ):
             return ProtocolError(ErrorCode.PRICE_TOO_HIGH, "quoted fee does not match the request")
-        tp = quote.ticket_params
+        problem = self._check_params(quote, quote.ticket_params)
+        if problem is not None:
+            return problem
+        if quote.steps > p.num_inference_steps:
+            return ProtocolError(ErrorCode.INVALID_REQUEST, "quote charges more steps than asked")
+        return None
+
+    def _check_params(self, quote: JobAccepted, tp: TicketParams) -> ProtocolError | None:
+        """Parameters must name this orchestrator and make a ticket worth one window."""
+        assert self.info is not None
         window_fee = quote.fee / quote.steps * min(quote.window_steps, quote.steps)
         if tp.recipient != self.info.orchestrator or tp.win_prob == 0:
             return ProtocolError(ErrorCode.INVALID_TICKET_PARAMS, "ticket parameters are unusable")
@@ -316,8 +346,6 @@ class BroadcasterSession:
                 ErrorCode.INVALID_TICKET_PARAMS,
                 "one ticket would be worth more than one window of the job",
             )
-        if quote.steps > p.num_inference_steps:
-            return ProtocolError(ErrorCode.INVALID_REQUEST, "quote charges more steps than asked")
         return None
 
     async def _drain_to_end(self) -> None:

@@ -8,25 +8,30 @@ taken no payment. After acceptance, steps run only against credit
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 
 import anyio
 import anyio.abc
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from orchestrator.config import ModelEntry
 from orchestrator.jobs import JobOutcome, RunningJob
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.peer import Peer
+from orchestrator.redeemer import Redeemer
+from orchestrator.winners import WinnerQueue
 from pipelines.errors import InvalidRequest, ModelNotFound
 from pipelines.loader import LoadedModel, load_model
 from pipelines.text_to_image import executed_steps, validate_text_to_image
@@ -46,13 +51,23 @@ from protocol.messages import (
     Message,
     Payment,
     Preview,
+    Progress,
     Role,
+    TicketParams,
     error_message,
 )
 from protocol.pm import MAX_UINT256, address_of
 from protocol.pricing import job_fee
-from protocol.recipient import NonceLedger, Recipient, WinningTicket
+from protocol.recipient import (
+    NonceLedger,
+    PaymentReceipt,
+    Recipient,
+    WinningTicket,
+    address_str,
+)
+from stepstream.chain import ChainError
 from stepstream.logs import current_job_id
+from stepstream.settlement import SECONDS_PER_BLOCK, Settlement, offchain_block
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +75,37 @@ PREVIEW_METHODS = frozenset({"latent_rgb", "vae", "none"})
 PREVIEW_FORMATS = frozenset({"webp", "jpeg"})
 DEFAULT_FACE_VALUE = 10**15
 DEFAULT_TICKET_EV = 8 * 10**9  # go-livepeer's default ticket EV, for the info message
-SECONDS_PER_BLOCK = 12
-
-
-def offchain_block() -> int:
-    """With no chain configured, a 'block' is a 12 s period of wall-clock time."""
-    return int(time.time()) // SECONDS_PER_BLOCK
+DEFAULT_REDEEM_COST_MULTIPLIER = 100
+"""Face value is kept at least this many times the gas a redemption costs."""
+__all__ = ["SECONDS_PER_BLOCK", "Orchestrator", "OrchestratorConfig", "offchain_block"]
 
 
 @dataclass
 class OrchestratorConfig:
     models: list[ModelEntry]
-    private_key: bytes
+    private_key: bytes = field(repr=False)
     face_value: int = DEFAULT_FACE_VALUE
     payment_timeout: float = 30.0
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     current_block: Callable[[], int] = offchain_block
+    """The block clock when no chain is configured (spec 8.2)."""
+    settlement: Settlement | None = None
+    """Where winners are redeemed and funds checked; None: off-chain mode (spec 8.6)."""
+    winners_db: Path | None = None
+    """SQLite file of the winner queue; None keeps winners in memory (tests only)."""
+    redeem_cost_multiplier: int = DEFAULT_REDEEM_COST_MULTIPLIER
+    ticket_validity_blocks: int = 40
+    refresh_blocks: int = 10
+    """Fresh ticket parameters go out when the job's expire within this many blocks."""
+
+
+@dataclass
+class JobTickets:
+    """The ticket parameters a running job pays with, and what a window costs."""
+
+    sender: bytes
+    window_fee: Fraction
+    params: TicketParams
 
 
 @dataclass
@@ -108,6 +138,9 @@ class Stats:
     tickets_received: int = 0
     ev_received: Fraction = Fraction(0)
     winners: list[WinningTicket] = field(default_factory=list)
+    job_credit: dict[str, Fraction] = field(default_factory=dict)
+    """EV credited to each finished job (for tests: no step ran unpaid)."""
+    params_refreshed: int = 0
 
 
 class Orchestrator:
@@ -117,10 +150,31 @@ class Orchestrator:
         self._address_bytes = bytes.fromhex(self.address[2:])
         # Derived from the key, so parameters issued before a restart still verify.
         secret = hmac.new(config.private_key, b"stepstream recipient secret", hashlib.sha256)
-        self.recipient = Recipient(self.address, secret.digest(), NonceLedger())
+        self.recipient = Recipient(
+            self.address,
+            secret.digest(),
+            NonceLedger(),
+            validity_blocks=config.ticket_validity_blocks,
+        )
         self.slots = {(e.pipeline, e.model_id): ModelSlot(e) for e in config.models}
         self.stats = Stats()
         self.metrics = OrchestratorMetrics()
+        self.settlement = config.settlement or Settlement(config.current_block)
+        self.winners = WinnerQueue(config.winners_db)
+        self.redeemer = Redeemer(self.winners, self.settlement)
+
+    def describe_settlement(self) -> str:
+        """What happens to tickets here; logged at start-up (spec 8.6)."""
+        where = self.winners.path or "memory only (no --data-dir)"
+        return f"{self.settlement.describe()}; winners queued in {where}"
+
+    async def current_block(self) -> int:
+        return await anyio.to_thread.run_sync(self.settlement.block_number)
+
+    async def face_value(self) -> int:
+        """The configured face value, raised to stay above the cost of redeeming it."""
+        cost = await anyio.to_thread.run_sync(self.settlement.redeem_cost)
+        return max(self.config.face_value, cost * self.config.redeem_cost_multiplier)
 
     async def load_warm_models(self, on_loaded: Callable[[str], None] | None = None) -> None:
         """Load every model marked warm before accepting connections.
@@ -141,19 +195,31 @@ class Orchestrator:
                 log.info("loaded %s in %.2f s", slot.entry.model_id, slot.model.load_seconds)
             return slot.model
 
-    def serve(self, host: str, port: int) -> serve:
-        """An `async with` server on host:port (port 0 picks a free one)."""
-        return serve(
-            self.handle,
-            host,
-            port,
-            # Frames up to twice our cap reach the codec, which answers
-            # frame_too_large; larger ones are closed by websockets with 1009.
-            max_size=2 * self.config.max_frame_bytes,
-            compression=None,
-            # Plain HTTP `GET /metrics` on the same port (spec 3).
-            process_request=self.metrics.process_request,
-        )
+    @contextlib.asynccontextmanager
+    async def serve(self, host: str, port: int) -> AsyncIterator[Server]:
+        """An `async with` server on host:port (port 0 picks a free one).
+
+        The redeemer runs alongside; it starts with the winners a previous
+        run left pending.
+        """
+        log.info("%s", self.describe_settlement())
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.redeemer.run)
+            try:
+                async with serve(
+                    self.handle,
+                    host,
+                    port,
+                    # Frames up to twice our cap reach the codec, which answers
+                    # frame_too_large; larger ones are closed by websockets with 1009.
+                    max_size=2 * self.config.max_frame_bytes,
+                    compression=None,
+                    # Plain HTTP `GET /metrics` on the same port (spec 3.4).
+                    process_request=self.metrics.process_request,
+                ) as server:
+                    yield server
+            finally:
+                tg.cancel_scope.cancel()
 
     # ------------------------------------------------------------ connections
 
@@ -186,7 +252,7 @@ class Orchestrator:
         job = current[0] if current else None
         if isinstance(message, Hello):
             peer.sender = message.sender
-            await peer.send(self._info(message.sender))
+            await peer.send(await self._info(message.sender))
         elif isinstance(message, JobRequest):
             admitted = await self._admit(peer, message)
             if admitted is not None:
@@ -200,13 +266,13 @@ class Orchestrator:
         elif isinstance(message, Error):
             log.info("broadcaster reported an error: %s %s", message.code, message.message)
 
-    def _info(self, sender: bytes) -> Info:
-        face = self.config.face_value
+    async def _info(self, sender: bytes) -> Info:
+        face = await self.face_value()
         params = self.recipient.issue_params(
             sender,
             face,
-            max(1, DEFAULT_TICKET_EV * MAX_UINT256 // face),
-            self.config.current_block(),
+            min(MAX_UINT256, max(1, DEFAULT_TICKET_EV * MAX_UINT256 // face)),
+            await self.current_block(),
             secrets.token_bytes(16),
         )
         return Info(
@@ -236,21 +302,26 @@ class Orchestrator:
         price = slot.entry.price_per_pixel_step
         fee_per_step = job_fee(pixels, 1, price)
         window_fee = fee_per_step * min(req.preview_every, steps)
-        face_value, win_prob = ticket_odds(window_fee, self.config.face_value)
-        ticket_params = self.recipient.issue_params(
-            peer.sender,
-            face_value,
-            win_prob,
-            self.config.current_block(),
-            secrets.token_bytes(16),
-        )
+        try:
+            tickets = JobTickets(
+                peer.sender, window_fee, await self._job_params(peer.sender, window_fee)
+            )
+        except ChainError as exc:
+            self.stats.jobs_refused += 1
+            await peer.send(
+                error_message(
+                    ErrorCode.INTERNAL_ERROR.value, f"chain unavailable: {exc}", req.job_id
+                )
+            )
+            return None
+        ticket_params = tickets.params
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         job = RunningJob(
             req,
             model,
             JobCredit(fee_per_step, steps),
             seed,
-            lambda m: self._send_counted(peer, req, m),
+            lambda m: self._send_job_message(peer, req, tickets, m),
             self.config.payment_timeout,
         )
         slot.in_use += 1
@@ -269,6 +340,28 @@ class Orchestrator:
         )
         log.info("job %s accepted: %d steps, fee %.0f wei", req.job_id, steps, fee_per_step * steps)
         return job, slot
+
+    async def _job_params(self, sender: bytes, window_fee: Fraction) -> TicketParams:
+        """Parameters whose ticket is worth one window (spec 8.2), valid from this block."""
+        face_value, win_prob = ticket_odds(window_fee, await self.face_value())
+        return self.recipient.issue_params(
+            sender, face_value, win_prob, await self.current_block(), secrets.token_bytes(16)
+        )
+
+    async def _send_job_message(
+        self, peer: Peer, req: JobRequest, tickets: JobTickets, message: Message
+    ) -> None:
+        """Send a job's message, counting preview bytes; a progress carries fresh
+        parameters near expiry (spec 8.9)."""
+        if isinstance(message, Preview):
+            self.metrics.preview_bytes.labels(req.pipeline, req.model_id).inc(len(message.image))
+        if isinstance(message, Progress):
+            left = tickets.params.expiration_block - await self.current_block()
+            if left <= self.config.refresh_blocks:
+                tickets.params = await self._job_params(tickets.sender, tickets.window_fee)
+                self.stats.params_refreshed += 1
+                message = dataclasses.replace(message, ticket_params=tickets.params)
+        await peer.send(message)
 
     async def _check(self, req: JobRequest) -> tuple[ModelSlot, LoadedModel]:
         slot = self.slots.get((req.pipeline, req.model_id))
@@ -305,11 +398,6 @@ class Orchestrator:
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, str(exc)) from None
         return slot, model
 
-    async def _send_counted(self, peer: Peer, req: JobRequest, message: Message) -> None:
-        if isinstance(message, Preview):
-            self.metrics.preview_bytes.labels(req.pipeline, req.model_id).inc(len(message.image))
-        await peer.send(message)
-
     async def _run(self, job: RunningJob, slot: ModelSlot) -> None:
         current_job_id.set(job.request.job_id)
         started = time.monotonic()
@@ -320,6 +408,7 @@ class Orchestrator:
         self._observe(job.request, outcome, time.monotonic() - started)
         self.stats.steps_executed += outcome.steps_executed
         self.stats.outcomes.append(outcome)
+        self.stats.job_credit[job.request.job_id] = job.ledger.credit
         log.info(
             "job %s ended (%s) after %d steps",
             job.request.job_id,
@@ -338,17 +427,44 @@ class Orchestrator:
 
     # ------------------------------------------------------------ payments
 
+    async def _receive_tickets(self, payment: Payment) -> PaymentReceipt:
+        """Validate a payment against the chain's block and the sender's funds (spec 8.4),
+        and queue its winners durably before anyone acknowledges it (spec 8.6)."""
+        try:
+            block = await self.current_block()
+            max_float = None
+            if self.settlement.redeems:
+                sender = address_str(payment.sender)
+                info = await anyio.to_thread.run_sync(self.settlement.sender_info, sender)
+                owed = await anyio.to_thread.run_sync(self.winners.pending_face_value, sender)
+                max_float = 0 if info is None or info.unlocking else info.deposit + info.reserve
+                max_float -= owed
+        except ChainError as exc:
+            return PaymentReceipt(
+                error=ProtocolError(ErrorCode.INTERNAL_ERROR, f"chain unavailable: {exc}")
+            )
+        receipt = self.recipient.receive(payment, block, max_float)
+        if receipt.winners:
+            try:
+                await anyio.to_thread.run_sync(self.winners.add, receipt.winners)
+            except Exception as exc:  # a disk fault: credit nothing we cannot keep
+                log.error("cannot queue winning tickets: %s", exc)
+                return PaymentReceipt(
+                    error=ProtocolError(ErrorCode.INTERNAL_ERROR, "cannot store winning tickets")
+                )
+            self.redeemer.notify()
+        return receipt
+
     async def _take_payment(self, peer: Peer, payment: Payment, job: RunningJob | None) -> None:
-        receipt = self.recipient.receive(payment, self.config.current_block())
+        receipt = await self._receive_tickets(payment)
         self.stats.tickets_received += receipt.accepted
         self.stats.ev_received += receipt.ev
         self.metrics.tickets_received.inc(receipt.accepted)
         self.metrics.ev_received.inc(float(receipt.ev))
         self.metrics.tickets_won.inc(len(receipt.winners))
         for winner in receipt.winners:
-            # Off-chain mode: winners are kept, not redeemed (spec 8.6).
             log.info(
-                "winning ticket from %s, face value %d",
+                "winning ticket from %s, face value %d, queued for redemption",
                 winner.ticket.sender,
                 winner.ticket.face_value,
             )

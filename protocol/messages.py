@@ -202,6 +202,8 @@ class Progress(Message):
     step: UInt32
     total_steps: UInt32
     covered_steps: UInt32
+    ticket_params: TicketParams | None = None
+    """Fresh parameters for this job, sent before the current ones expire (spec 8.9)."""
 
 
 @dataclass(frozen=True)

@@ -157,11 +157,16 @@ class Recipient:
             expiration_block=draft.expiration_block,
         )
 
-    def receive(self, payment: Payment, current_block: int) -> PaymentReceipt:
+    def receive(
+        self, payment: Payment, current_block: int, max_float: int | None = None
+    ) -> PaymentReceipt:
         """Check each ticket in spec order; credit those before the first fault.
 
         A winning ticket whose parameters expired is still kept for redemption
-        (as go-livepeer does) though it earns no credit.
+        (as go-livepeer does) though it earns no credit. `max_float` is what
+        the sender's deposit and reserve can still pay out (None: no chain, no
+        check); each ticket's face value must fit in it, less the winners
+        already found in this payment.
         """
         receipt = PaymentReceipt()
         params = payment.ticket_params
@@ -225,6 +230,16 @@ class Recipient:
                     ErrorCode.SENDER_INSUFFICIENT_FUNDS, f"{sender} lacks deposit and reserve"
                 )
                 return receipt
+            if max_float is not None:
+                earlier = receipt.winners[:-1] if wins else receipt.winners
+                owed = sum(w.ticket.face_value for w in earlier)
+                if params.face_value > max_float - owed:
+                    receipt.error = ProtocolError(
+                        ErrorCode.SENDER_INSUFFICIENT_FUNDS,
+                        f"{sender}'s deposit and reserve can pay out {max(0, max_float - owed)}"
+                        f" wei, less than the face value {params.face_value}",
+                    )
+                    return receipt
             receipt.accepted += 1
             receipt.ev += ev
         return receipt

@@ -107,4 +107,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"  through the network     median {n * 1000:8.1f} ms  ({args.steps / n:6.1f} steps/s)\n"
         f"  overhead ratio          {result.ratio:.3f}x  (network / direct)"
     )
+    from stepstream.bench_tickets import measure, report
+
+    print(report(measure()))
     return 0

@@ -1,4 +1,4 @@
-"""The `stepstream` command: orchestrator, gateway, generate, bench."""
+"""The `stepstream` command: orchestrator, gateway, generate, bench, deploy-broker."""
 
 from __future__ import annotations
 
@@ -24,6 +24,20 @@ def _fraction(text: str) -> Fraction:
     return value
 
 
+def _add_chain_flags(parser: argparse.ArgumentParser) -> None:
+    """Key and chain options shared by the commands that hold a key."""
+    parser.add_argument(
+        "--key-password-file",
+        type=Path,
+        default=None,
+        help="password of a keystore --key (else $STEPSTREAM_KEY_PASSWORD)",
+    )
+    parser.add_argument(
+        "--eth-url", default=None, help="JSON-RPC URL of the chain; none: off-chain mode"
+    )
+    parser.add_argument("--ticket-broker", default=None, help="TicketBroker contract address")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepstream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
@@ -37,6 +51,16 @@ def _build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--face-value", type=int, default=None, help="ticket face value, wei")
     orch.add_argument(
         "--payment-timeout", type=float, default=30.0, help="seconds to wait for credit"
+    )
+    _add_chain_flags(orch)
+    orch.add_argument(
+        "--data-dir", type=Path, default=Path(".stepstream"), help="where winners are queued"
+    )
+    orch.add_argument(
+        "--redeem-cost-multiplier",
+        type=int,
+        default=None,
+        help="keep face value at least this many times a redemption's gas cost (default 100)",
     )
 
     gen = sub.add_parser("generate", help="run one text-to-image job and save the image")
@@ -59,6 +83,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--key", type=Path, default=None, help="key file; a throwaway key if absent")
     gen.add_argument("--out", required=True, type=Path, help="image file to write (PNG)")
+    _add_chain_flags(gen)
+    gen.add_argument("--deposit", type=int, default=0, help="wei to add to the ticket deposit")
+    gen.add_argument("--reserve", type=int, default=0, help="wei to add to the ticket reserve")
+
+    deploy = sub.add_parser("deploy-broker", help="deploy the TicketBroker contract")
+    deploy.add_argument("--eth-url", required=True, help="JSON-RPC URL of the chain")
+    deploy.add_argument("--key", required=True, type=Path, help="key file of the deployer")
+    deploy.add_argument("--key-password-file", type=Path, default=None)
+    deploy.add_argument("--unlock-period", type=int, default=40, help="blocks")
 
     gw = sub.add_parser("gateway", help="serve the Livepeer AI API and live job streams to apps")
     gw.add_argument(
@@ -104,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from stepstream.generate import run_generate
 
         return anyio.run(run_generate, args)
+    if args.command == "deploy-broker":
+        from stepstream.run_orchestrator import run_deploy_broker
+
+        return run_deploy_broker(args)
     if args.command == "bench":
         from stepstream.bench import run_bench
 

@@ -1,8 +1,11 @@
 """`make demo`: an orchestrator process and a broadcaster on this machine, one paid job.
 
-Writes under --out: the final image, every preview (`image.preview-NNN.png`),
-a strip and an animation of the previews, and prints a summary of the job's
-steps, speed, payments and fee.
+Starts a local anvil node (installed from npm into .tools/ on first use),
+deploys the TicketBroker to it, funds the broadcaster's deposit and reserve,
+and settles the job's winning tickets on it. Writes under --out: the final
+image, every preview (`image.preview-NNN.png`), a strip and an animation of
+the previews, and prints a summary of the job's steps, speed, payments, fee
+and what was redeemed on chain.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -26,12 +29,18 @@ from broadcaster.events import JobError, JobResult, PreviewFrame
 from broadcaster.session import BroadcasterSession
 from pipelines.tiny import TINY_SD
 from protocol.messages import TextToImageParams
+from protocol.pm import address_of
+from stepstream.anvil import find_or_install_anvil, run_anvil
+from stepstream.chain import SenderInfo, TicketBrokerClient, fund_account, http_web3
 from stepstream.demo_gateway import demo_gateway
 from stepstream.generate import image_path, preview_path
 from stepstream.keys import write_new_key
+from stepstream.settlement import connect_chain
 
 STEPS, PREVIEW_EVERY, SIZE = 24, 4, 128
 PRICE_PER_UNIT = 4_768_371  # wei per output pixel, as in go-livepeer's examples
+ETH = 10**18
+DEPOSIT, RESERVE = ETH // 10, ETH // 10
 
 
 def write_ai_models(path: Path, price_per_unit: int = PRICE_PER_UNIT) -> Path:
@@ -49,14 +58,23 @@ def write_ai_models(path: Path, price_per_unit: int = PRICE_PER_UNIT) -> Path:
 
 
 @contextmanager
-def orchestrator_process(out: Path, startup_timeout: float = 180.0) -> Iterator[str]:
-    """Run `stepstream orchestrator` on 127.0.0.1 and a free port; yield its ws:// URL."""
+def orchestrator_process(
+    out: Path, chain_flags: Sequence[str] = (), startup_timeout: float = 180.0
+) -> Iterator[str]:
+    """Run `stepstream orchestrator` on 127.0.0.1 and a free port; yield its ws:// URL.
+
+    Uses `out/orchestrator.key`, creating it if absent, and keeps winners
+    under `out/orchestrator-data`.
+    """
     models = write_ai_models(out / "aiModels.json")
-    write_new_key(out / "orchestrator.key")
+    key = out / "orchestrator.key"
+    if not key.exists():
+        write_new_key(key)
     log_path = out / "orchestrator.log"
     command = [
         sys.executable, "-m", "stepstream.cli", "orchestrator", "--models", str(models),
-        "--key", str(out / "orchestrator.key"), "--host", "127.0.0.1", "--port", "0",
+        "--key", str(key), "--host", "127.0.0.1", "--port", "0",
+        "--data-dir", str(out / "orchestrator-data"), *chain_flags,
     ]  # fmt: skip
     with log_path.open("w") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -98,7 +116,30 @@ def save_strip(frames: list[Image.Image], path: Path) -> None:
 
 async def run_demo(out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
+    print("starting anvil (installed from npm into .tools/ on first use)")
+    with run_anvil(binary=find_or_install_anvil()) as eth_url:
+        return await run_demo_on_chain(out, eth_url)
+
+
+async def run_demo_on_chain(out: Path, eth_url: str) -> int:
     key = write_new_key(out / "broadcaster.key")
+    o_key = write_new_key(out / "orchestrator.key")
+    deployer = write_new_key(out / "deployer.key")
+    w3 = http_web3(eth_url)
+    for k in (key, o_key, deployer):
+        fund_account(w3, address_of(k), 10 * ETH)
+    broker = TicketBrokerClient.deploy(w3, deployer).address
+    print(f"anvil at {eth_url}, TicketBroker deployed at {broker}")
+    b_chain = connect_chain(eth_url, broker, key)
+    b_chain.fund_deposit_and_reserve(DEPOSIT, RESERVE)
+    funds = b_chain.sender_info(b_chain.account)
+    o_address = address_of(o_key)
+    o_balance = b_chain.balance(o_address)
+    # Demo economics: a face value below one window's fee makes every ticket a sure
+    # winner, so redemption shows on chain; in production the face value stays
+    # 100x above a redemption's gas (spec 8.2) and few tickets win.
+    flags = ["--eth-url", eth_url, "--ticket-broker", broker]
+    flags += ["--face-value", "1", "--redeem-cost-multiplier", "0"]
     image = out / "image.png"
     params = TextToImageParams(
         prompt="a lighthouse on a cliff at dusk, oil painting",
@@ -107,8 +148,8 @@ async def run_demo(out: Path) -> int:
         num_inference_steps=STEPS,
         seed=42,
     )
-    with orchestrator_process(out) as url:
-        print(f"orchestrator listening at {url} (no chain: tickets checked, not redeemed)")
+    with orchestrator_process(out, flags) as url:
+        print(f"orchestrator listening at {url}, settling on {eth_url}")
         async with BroadcasterSession(url, key, max_price=Fraction(10**6)) as session:
             frames: list[Image.Image] = []
             async for event in session.generate(
@@ -124,7 +165,23 @@ async def run_demo(out: Path) -> int:
                     return 1
                 elif isinstance(event, JobResult):
                     result = event
+        redeemed = await anyio.to_thread.run_sync(wait_redeemed, b_chain, o_address, result.winners)
+        o_gain = b_chain.balance(o_address) - o_balance
+        save_and_summarise(out, image, frames, result, funds, broker, redeemed, o_gain)
         await demo_gateway(out, url)
+    return 0
+
+
+def save_and_summarise(
+    out: Path,
+    image: Path,
+    frames: list[Image.Image],
+    result: JobResult,
+    funds: SenderInfo,
+    broker: str,
+    redeemed: list[int],
+    o_gain: int,
+) -> None:
     for i, img in enumerate(result.images):
         image_path(image, i).write_bytes(img.image)
     save_strip(frames, out / "previews-strip.png")
@@ -140,11 +197,28 @@ async def run_demo(out: Path) -> int:
         f"  steps/s                {result.steps_per_second:.1f}\n"
         f"  time to first preview  {ttfp}\n"
         f"  job time               {result.seconds:.2f} s\n"
+        f"  deposit / reserve      {funds.deposit:,} / {funds.reserve:,} wei "
+        f"(TicketBroker {broker})\n"
         f"  tickets sent           {result.tickets_sent}\n"
+        f"  winners                {result.winners} (every ticket wins in this demo; in "
+        f"production face value stays 100x above a redemption's gas and few tickets win)\n"
+        f"  redeemed on chain      {len(redeemed)}: {sum(redeemed):,} wei face value; the "
+        f"orchestrator's balance changed by {o_gain:,} wei after gas\n"
         f"  EV paid / fee          {float(result.ev_paid):,.0f} / {float(result.fee):,.0f} wei "
         f"({float(result.ev_paid / result.fee):.4f}x)"
     )
-    return 0
+
+
+def wait_redeemed(chain: object, recipient: str, winners: int, timeout: float = 30.0) -> list[int]:
+    """Face values of the recipient's redeemed tickets, once `winners` are (or at timeout)."""
+    broker = chain.client.contract  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = broker.events.WinningTicketRedeemed.get_logs(from_block=0)
+        faces = [e["args"]["faceValue"] for e in logs if e["args"]["recipient"] == recipient]
+        if len(faces) >= winners or time.monotonic() > deadline:
+            return faces
+        time.sleep(0.2)
 
 
 def main() -> None:

@@ -27,7 +27,10 @@ from broadcaster.events import (
 from broadcaster.session import BroadcasterSession, SessionError
 from protocol.errors import ErrorCode
 from protocol.messages import TextToImageParams
+from protocol.pm import address_of
+from stepstream.chain import ChainError
 from stepstream.keys import KeyFileError, load_private_key
+from stepstream.settlement import settlement_for
 
 
 def preview_path(out: Path, step: int) -> Path:
@@ -47,10 +50,28 @@ def save_as_png(data: bytes, path: Path) -> None:
 
 async def run_generate(args: argparse.Namespace) -> int:
     try:
-        key = load_private_key(args.key) if args.key else secrets.token_bytes(32)
-    except KeyFileError as exc:
+        key = (
+            load_private_key(args.key, args.key_password_file)
+            if args.key
+            else secrets.token_bytes(32)
+        )
+        settlement = settlement_for(args.eth_url, args.ticket_broker, key)
+    except (KeyFileError, ChainError) as exc:
         print(f"stepstream generate: {exc}", file=sys.stderr)
         return 2
+    print(f"stepstream generate: {settlement.describe()}", file=sys.stderr)
+    if args.deposit or args.reserve:
+        try:
+            settlement.fund_deposit_and_reserve(args.deposit, args.reserve)
+            info = settlement.sender_info(address_of(key))
+        except ChainError as exc:
+            print(f"stepstream generate: cannot fund deposit and reserve: {exc}", file=sys.stderr)
+            return 2
+        assert info is not None
+        print(
+            f"stepstream generate: deposit {info.deposit} wei, reserve {info.reserve} wei",
+            file=sys.stderr,
+        )
     try:
         params = TextToImageParams(
             prompt=args.prompt,
@@ -105,7 +126,8 @@ async def _run_job(
                     save_as_png(image.image, image_path(out, i))
                 print(
                     f"wrote {out} ({event.steps} steps, {event.steps_per_second:.1f} steps/s, "
-                    f"{event.tickets_sent} tickets, EV paid {float(event.ev_paid):.0f} wei "
+                    f"{event.tickets_sent} tickets, {event.winners} winners, "
+                    f"EV paid {float(event.ev_paid):.0f} wei "
                     f"of fee {float(event.fee):.0f} wei)"
                 )
                 return 0

@@ -1,4 +1,7 @@
-"""`stepstream orchestrator`: load aiModels.json and a key, then serve until stopped."""
+"""`stepstream orchestrator`: load aiModels.json, a key and a chain, then serve until stopped.
+
+Also `stepstream deploy-broker`, which puts a TicketBroker on a chain.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,16 @@ import sys
 from tqdm import tqdm
 
 from orchestrator.config import ConfigError, load_ai_models
-from orchestrator.server import DEFAULT_FACE_VALUE, Orchestrator, OrchestratorConfig
+from orchestrator.server import (
+    DEFAULT_FACE_VALUE,
+    DEFAULT_REDEEM_COST_MULTIPLIER,
+    Orchestrator,
+    OrchestratorConfig,
+)
+from protocol.pm import address_of
+from stepstream.chain import ChainError, TicketBrokerClient, http_web3
 from stepstream.keys import KeyFileError, load_private_key
+from stepstream.settlement import settlement_for
 
 log = logging.getLogger("stepstream.orchestrator")
 
@@ -18,19 +29,26 @@ log = logging.getLogger("stepstream.orchestrator")
 async def run_orchestrator(args: argparse.Namespace) -> int:
     try:
         models = load_ai_models(args.models)
-        key = load_private_key(args.key)
-    except (ConfigError, KeyFileError) as exc:
+        key = load_private_key(args.key, args.key_password_file)
+        settlement = settlement_for(args.eth_url, args.ticket_broker, key)
+    except (ConfigError, KeyFileError, ChainError) as exc:
         print(f"stepstream orchestrator: {exc}", file=sys.stderr)
         return 2
+    multiplier = args.redeem_cost_multiplier
     config = OrchestratorConfig(
         models=models,
         private_key=key,
         face_value=args.face_value or DEFAULT_FACE_VALUE,
         payment_timeout=args.payment_timeout,
+        settlement=settlement,
+        winners_db=args.data_dir / f"winners-{address_of(key)}.sqlite",
+        redeem_cost_multiplier=DEFAULT_REDEEM_COST_MULTIPLIER if multiplier is None else multiplier,
     )
     orch = Orchestrator(config)
     log.info("recipient address %s", orch.address)
-    log.info("no chain configured: tickets are checked and counted, winners kept, not redeemed")
+    pending = orch.winners.counts()["pending"]
+    if pending:
+        log.info("%d winning tickets from an earlier run are pending redemption", pending)
     warm = sum(1 for m in models if m.warm)
     bar = tqdm(total=warm, unit="model", desc="loading models", file=sys.stderr, disable=not warm)
     try:
@@ -52,4 +70,16 @@ async def run_orchestrator(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    return 0
+
+
+def run_deploy_broker(args: argparse.Namespace) -> int:
+    """Deploy a TicketBroker and print its address (the value of --ticket-broker)."""
+    try:
+        key = load_private_key(args.key, args.key_password_file)
+        client = TicketBrokerClient.deploy(http_web3(args.eth_url), key, args.unlock_period)
+    except (KeyFileError, ChainError) as exc:
+        print(f"stepstream deploy-broker: {exc}", file=sys.stderr)
+        return 2
+    print(client.address)
     return 0

@@ -181,6 +181,12 @@ MESSAGES: list[tuple[str, Message]] = [
     ),
     ("progress", Progress(job_id=JOB_ID, step=3, total_steps=20, covered_steps=5)),
     (
+        "progress_with_fresh_ticket_params",
+        Progress(
+            job_id=JOB_ID, step=8, total_steps=20, covered_steps=10, ticket_params=JOB_PARAMS
+        ),
+    ),
+    (
         "awaiting_payment",
         AwaitingPayment(job_id=JOB_ID, next_step=6, covered_steps=5, timeout_ms=30_000),
     ),
