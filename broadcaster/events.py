@@ -60,6 +60,9 @@ class JobResult:
     seconds: float
     time_to_first_preview: float | None
     steps_per_second: float
+    frames: tuple[ResultImage, ...] = ()
+    """Video jobs: the frames in order (then `images` is empty)."""
+    fps: int = 0
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,10 @@ from websockets.exceptions import ConnectionClosed
 from orchestrator.config import ModelEntry
 from orchestrator.jobs import JobOutcome, RunningJob
 from orchestrator.peer import Peer
+from pipelines.dispatch import executed_steps, supports
 from pipelines.errors import InvalidRequest, ModelNotFound
 from pipelines.loader import LoadedModel, load_model
-from pipelines.text_to_image import executed_steps, validate_text_to_image
+from pipelines.requests import OutputShape, output_shape
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection
 from protocol.credit import JobCredit, ticket_odds
@@ -53,7 +54,7 @@ from protocol.recipient import NonceLedger, Recipient, WinningTicket
 
 log = logging.getLogger(__name__)
 
-PREVIEW_METHODS = frozenset({"latent_rgb", "vae", "none"})
+PREVIEW_METHODS = frozenset({"latent_rgb", "taesd", "vae", "none"})
 PREVIEW_FORMATS = frozenset({"webp", "jpeg"})
 DEFAULT_FACE_VALUE = 10**15
 DEFAULT_TICKET_EV = 8 * 10**9  # go-livepeer's default ticket EV, for the info message
@@ -211,7 +212,7 @@ class Orchestrator:
     async def _admit(self, peer: Peer, req: JobRequest) -> tuple[RunningJob, ModelSlot] | None:
         """Accept the job (quote + ticket params) or refuse it before any payment."""
         try:
-            slot, model = await self._check(req)
+            slot, model, shape = await self._check(req)
         except ProtocolError as err:
             self.stats.jobs_refused += 1
             log.info("job %s refused: %s", req.job_id, err)
@@ -219,7 +220,7 @@ class Orchestrator:
             return None
         params = req.params
         steps = executed_steps(params, model)
-        pixels = params.width * params.height * params.num_images_per_prompt
+        pixels = shape.pixels_per_step
         price = slot.entry.price_per_pixel_step
         fee_per_step = job_fee(pixels, 1, price)
         window_fee = fee_per_step * min(req.preview_every, steps)
@@ -257,7 +258,7 @@ class Orchestrator:
         log.info("job %s accepted: %d steps, fee %.0f wei", req.job_id, steps, fee_per_step * steps)
         return job, slot
 
-    async def _check(self, req: JobRequest) -> tuple[ModelSlot, LoadedModel]:
+    async def _check(self, req: JobRequest) -> tuple[ModelSlot, LoadedModel, OutputShape]:
         slot = self.slots.get((req.pipeline, req.model_id))
         if slot is None:
             if not any(p == req.pipeline for p, _ in self.slots):
@@ -278,9 +279,14 @@ class Orchestrator:
                 f"preview_format must be one of {sorted(PREVIEW_FORMATS)}",
             )
         try:
-            validate_text_to_image(req.params)
+            shape = output_shape(req.params)
         except InvalidRequest as exc:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        if req.preview_frame is not None and not (shape.video and req.preview_frame < shape.count):
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"preview_frame {req.preview_frame} is not a frame of this job's output",
+            )
         if slot.in_use >= slot.entry.capacity:
             raise ProtocolError(
                 ErrorCode.NO_CAPACITY,
@@ -290,7 +296,11 @@ class Orchestrator:
             model = await self._ensure_loaded(slot)
         except ModelNotFound as exc:
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, str(exc)) from None
-        return slot, model
+        if not supports(model, req.pipeline):
+            raise ProtocolError(
+                ErrorCode.MODEL_UNAVAILABLE, f"{req.model_id} cannot run {req.pipeline}"
+            )
+        return slot, model, shape
 
     async def _run(self, job: RunningJob, slot: ModelSlot) -> None:
         try:
