@@ -37,6 +37,10 @@ class PreviewFrame:
     format: str
     width: int
     height: int
+    method: str | None = None
+    """Set when the orchestrator used another method than asked (a fallback)."""
+    frames: int = 1
+    """Video frames shown (all of them animated or in a grid, or 1)."""
 
 
 @dataclass(frozen=True)

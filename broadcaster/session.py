@@ -238,6 +238,8 @@ class BroadcasterSession:
                         message.format,
                         message.width,
                         message.height,
+                        message.method,
+                        message.frames,
                     )
                 elif isinstance(message, Result):
                     yield JobResult(
