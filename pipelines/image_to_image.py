@@ -8,6 +8,7 @@ int(num_inference_steps * s): those are the steps executed and paid for.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,15 @@ if TYPE_CHECKING:
     from pipelines.loader import LoadedModel
     from pipelines.text_to_image import StepHooks
     from protocol.messages import ImageToImageParams
+
+
+def _not_upcast_advice(record: logging.LogRecord) -> bool:
+    """SDXL img2img upcasts its VAE with `.to(float32)` on every job; diffusers then
+    advises against casting with `to()`, once per job. The advice is not actionable."""
+    return "should be kept in float32" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_not_upcast_advice)
 
 
 def img2img_pipeline(model: LoadedModel) -> Any:
