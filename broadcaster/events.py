@@ -37,6 +37,10 @@ class PreviewFrame:
     format: str
     width: int
     height: int
+    method: str | None = None
+    """Set when the orchestrator used another method than asked (a fallback)."""
+    frames: int = 1
+    """Video frames shown (all of them animated or in a grid, or 1)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,9 @@ class JobResult:
     steps_per_second: float
     winners: int = 0
     """Winning tickets among those paid, as the orchestrator's credit messages counted."""
+    frames: tuple[ResultImage, ...] = ()
+    """Video jobs: the frames in order (then `images` is empty)."""
+    fps: int = 0
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ from broadcaster.events import (
     ProgressUpdate,
 )
 from broadcaster.rate import StepRate
+from pipelines.errors import InvalidRequest
+from pipelines.requests import output_shape
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES, check
 from protocol.connection import Connection
 from protocol.credit import PaymentSchedule, ev_fits_window
@@ -45,13 +47,13 @@ from protocol.messages import (
     Hello,
     Info,
     JobAccepted,
+    JobParams,
     JobRequest,
     Message,
     Preview,
     Progress,
     Result,
     Role,
-    TextToImageParams,
     TicketParams,
 )
 from protocol.pm import ticket_ev
@@ -143,17 +145,23 @@ class BroadcasterSession:
 
     async def generate(
         self,
-        params: TextToImageParams,
+        params: JobParams,
         *,
         model_id: str,
-        pipeline: str = "text-to-image",
+        pipeline: str | None = None,
         preview_every: int = 1,
         preview_method: str = "latent_rgb",
         preview_format: str = "webp",
         job_id: str | None = None,
+        preview_frame: int | None = None,
     ) -> AsyncIterator[Event]:
-        """Run one job, yielding its events; the last one is a JobResult or a JobError."""
+        """Run one job, yielding its events; the last one is a JobResult or a JobError.
+
+        The pipeline defaults to the one `params` is for (TextToImageParams:
+        text-to-image, ImageToImageParams, ImageToVideoParams).
+        """
         job_id = job_id or uuid.uuid4().hex
+        pipeline = pipeline or params.PIPELINE
         refusal = self._check_offer(pipeline, model_id)
         if refusal is not None:
             yield JobError(job_id, refusal.code.value, refusal.message)
@@ -166,6 +174,7 @@ class BroadcasterSession:
             preview_every=preview_every,
             preview_method=preview_method,
             preview_format=preview_format,
+            preview_frame=preview_frame,
         )
         try:
             check(request)
@@ -247,6 +256,8 @@ class BroadcasterSession:
                         message.format,
                         message.width,
                         message.height,
+                        message.method,
+                        message.frames,
                     )
                 elif isinstance(message, Result):
                     yield JobResult(
@@ -260,6 +271,8 @@ class BroadcasterSession:
                         first_preview,
                         rate.steps_per_second,
                         winners,
+                        message.frames,
+                        message.fps,
                     )
                     return
                 elif isinstance(message, Credit):
@@ -318,7 +331,10 @@ class BroadcasterSession:
         cap = self.capability(request.pipeline, request.model_id)
         assert cap is not None
         p = request.params
-        pixels = p.width * p.height * p.num_images_per_prompt
+        try:
+            pixels = output_shape(p).pixels_per_step
+        except InvalidRequest as exc:
+            return ProtocolError(ErrorCode.INVALID_REQUEST, f"cannot check the quote: {exc}")
         if quote.price_per_pixel_step != cap.price_per_pixel_step or (
             self.max_price is not None and quote.price_per_pixel_step > self.max_price
         ):

@@ -13,7 +13,7 @@ from protocol.pricing import price_from_ai_models
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = frozenset({"text-to-image"})
+SUPPORTED_PIPELINES = frozenset({"text-to-image", "image-to-image", "image-to-video"})
 KNOWN_FIELDS = frozenset(
     {
         "pipeline",

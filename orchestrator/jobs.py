@@ -21,9 +21,9 @@ import anyio.from_thread
 import torch
 from PIL import Image
 
+from pipelines.dispatch import JobOutput, run_job
 from pipelines.loader import LoadedModel
-from pipelines.previews import make_preview, noise_scales
-from pipelines.text_to_image import run_text_to_image
+from pipelines.previews import noise_scales, render_preview
 from protocol.credit import JobCredit
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
@@ -80,7 +80,9 @@ class RunningJob:
         self.seed = seed
         self._send = send
         self.payment_timeout = payment_timeout
-        self._preview_scales = noise_scales(model, request.params.num_inference_steps)
+        # An image-to-image job runs only the last steps of its schedule.
+        scales = noise_scales(model, request.params.num_inference_steps)
+        self._preview_scales = scales[max(0, len(scales) - 1 - ledger.total_steps) :]
         self._cond = threading.Condition()
         self._stop: ProtocolError | None = None
         self.steps_at_stop: int | None = None
@@ -106,7 +108,7 @@ class RunningJob:
     async def run(self) -> JobOutcome:
         """Run to a terminal message: result, cancelled, or error."""
         try:
-            images = await anyio.to_thread.run_sync(self._run_blocking)
+            output = await anyio.to_thread.run_sync(self._run_blocking)
         except JobStopped as stopped:
             return await self._end_stopped(stopped.reason)
         except Exception as exc:  # the pipeline itself failed
@@ -120,24 +122,28 @@ class RunningJob:
             return self._outcome("error")
         finally:
             self.finished.set()
-        params = self.request.params
+        pictures = tuple(
+            ResultImage(
+                image=_png(img),
+                format="png",
+                width=img.width,
+                height=img.height,
+                # Image i uses seed + i; every frame of a video comes from the one seed.
+                seed=(self.seed + (0 if output.video else i)) % 2**32,
+            )
+            for i, img in enumerate(output.images)
+        )
+        first = output.images[0]
         result = Result(
             job_id=self.request.job_id,
-            images=tuple(
-                ResultImage(
-                    image=_png(img),
-                    format="png",
-                    width=img.width,
-                    height=img.height,
-                    seed=(self.seed + i) % 2**32,
-                )
-                for i, img in enumerate(images)
-            ),
+            images=() if output.video else pictures,
             steps=self.ledger.executed,
             pixel_steps=pixel_steps(
-                params.width, params.height, params.num_images_per_prompt, self.ledger.executed
+                first.width, first.height, len(output.images), self.ledger.executed
             ),
             fee=self.ledger.earned,
+            frames=pictures if output.video else (),
+            fps=output.fps,
         )
         await self._send_quietly(result)
         return self._outcome("result")
@@ -162,8 +168,8 @@ class RunningJob:
 
     # ---------------------------------------- called from the worker thread
 
-    def _run_blocking(self) -> list[Image.Image]:
-        return run_text_to_image(self.model, self.request.params, self, self.seed)
+    def _run_blocking(self) -> JobOutput:
+        return run_job(self.model, self.request.params, self, self.seed)
 
     def _emit(self, message: Message) -> None:
         try:
@@ -215,22 +221,25 @@ class RunningJob:
         total = self.ledger.total_steps
         if req.preview_method != "none" and (step % req.preview_every == 0 or step == total):
             scale = self._preview_scales[min(step, len(self._preview_scales) - 1)]
-            data, width, height = make_preview(
+            shown = render_preview(
                 self.model,
                 latents / scale,
                 req.preview_method,
                 req.preview_format,
                 PREVIEW_MAX_SIDE,
                 PREVIEW_MAX_BYTES,
+                req.preview_frame,
             )
             self._emit(
                 Preview(
                     job_id=req.job_id,
                     step=step,
-                    image=data,
+                    image=shown.data,
                     format=req.preview_format,
-                    width=width,
-                    height=height,
+                    width=shown.width,
+                    height=shown.height,
+                    method=None if shown.method == req.preview_method else shown.method,
+                    frames=shown.frames,
                 )
             )
         self._emit(

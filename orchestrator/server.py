@@ -32,9 +32,10 @@ from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.peer import Peer
 from orchestrator.redeemer import Redeemer
 from orchestrator.winners import WinnerQueue
+from pipelines.dispatch import executed_steps, supports
 from pipelines.errors import InvalidRequest, ModelNotFound
 from pipelines.loader import LoadedModel, load_model
-from pipelines.text_to_image import executed_steps, validate_text_to_image
+from pipelines.requests import OutputShape, output_shape
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection
 from protocol.credit import JobCredit, ticket_odds
@@ -71,7 +72,7 @@ from stepstream.settlement import SECONDS_PER_BLOCK, Settlement, offchain_block
 
 log = logging.getLogger(__name__)
 
-PREVIEW_METHODS = frozenset({"latent_rgb", "vae", "none"})
+PREVIEW_METHODS = frozenset({"latent_rgb", "taesd", "vae", "none"})
 PREVIEW_FORMATS = frozenset({"webp", "jpeg"})
 DEFAULT_FACE_VALUE = 10**15
 DEFAULT_TICKET_EV = 8 * 10**9  # go-livepeer's default ticket EV, for the info message
@@ -289,7 +290,7 @@ class Orchestrator:
         """Accept the job (quote + ticket params) or refuse it before any payment."""
         current_job_id.set(req.job_id)
         try:
-            slot, model = await self._check(req)
+            slot, model, shape = await self._check(req)
         except ProtocolError as err:
             self.stats.jobs_refused += 1
             self.metrics.jobs.labels(req.pipeline, req.model_id, f"refused:{err.code.value}").inc()
@@ -298,7 +299,7 @@ class Orchestrator:
             return None
         params = req.params
         steps = executed_steps(params, model)
-        pixels = params.width * params.height * params.num_images_per_prompt
+        pixels = shape.pixels_per_step
         price = slot.entry.price_per_pixel_step
         fee_per_step = job_fee(pixels, 1, price)
         window_fee = fee_per_step * min(req.preview_every, steps)
@@ -363,7 +364,7 @@ class Orchestrator:
                 message = dataclasses.replace(message, ticket_params=tickets.params)
         await peer.send(message)
 
-    async def _check(self, req: JobRequest) -> tuple[ModelSlot, LoadedModel]:
+    async def _check(self, req: JobRequest) -> tuple[ModelSlot, LoadedModel, OutputShape]:
         slot = self.slots.get((req.pipeline, req.model_id))
         if slot is None:
             if not any(p == req.pipeline for p, _ in self.slots):
@@ -384,9 +385,14 @@ class Orchestrator:
                 f"preview_format must be one of {sorted(PREVIEW_FORMATS)}",
             )
         try:
-            validate_text_to_image(req.params)
+            shape = output_shape(req.params)
         except InvalidRequest as exc:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        if req.preview_frame is not None and not (shape.video and req.preview_frame < shape.count):
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"preview_frame {req.preview_frame} is not a frame of this job's output",
+            )
         if slot.in_use >= slot.entry.capacity:
             raise ProtocolError(
                 ErrorCode.NO_CAPACITY,
@@ -396,7 +402,11 @@ class Orchestrator:
             model = await self._ensure_loaded(slot)
         except ModelNotFound as exc:
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, str(exc)) from None
-        return slot, model
+        if not supports(model, req.pipeline):
+            raise ProtocolError(
+                ErrorCode.MODEL_UNAVAILABLE, f"{req.model_id} cannot run {req.pipeline}"
+            )
+        return slot, model, shape
 
     async def _run(self, job: RunningJob, slot: ModelSlot) -> None:
         current_job_id.set(job.request.job_id)

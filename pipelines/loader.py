@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from pipelines.errors import ModelNotFound
-from pipelines.tiny import TINY_SD, build_tiny_sd, quiet_diffusers
+from pipelines.tiny import TINY_SD, TINY_SDXL, build_tiny_sd, build_tiny_sdxl, quiet_diffusers
+from pipelines.tiny_svd import TINY_SVD, build_tiny_svd
 
 __all__ = [
     "LoadedModel",
@@ -29,6 +30,12 @@ __all__ = [
 ]
 
 MODEL_INDEX = "model_index.json"
+TINY_BUILDERS: dict[str, Any] = {
+    TINY_SD: build_tiny_sd,
+    TINY_SDXL: build_tiny_sdxl,
+    TINY_SVD: build_tiny_svd,
+}
+"""Reserved model ids built in code, for tests and the demo."""
 
 
 @dataclass
@@ -39,7 +46,7 @@ class LoadedModel:
     pipe: Any
     """A diffusers pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)."""
     family: str
-    """"sd1" (SD 1.x/2.x latent space) or "sdxl": picks the latent-to-RGB preview factors."""
+    """"sd1" (SD 1.x/2.x), "sdxl" or "svd" (video): picks preview factors and pipelines."""
     device: str
     dtype: torch.dtype
     load_seconds: float
@@ -105,8 +112,9 @@ def _cached_in_hub(model_id: str, cache_dir: str) -> bool:
 def pipeline_family(pipe: Any) -> str:
     """Classify a pipeline's latent space from its class.
 
-    SDXL pipeline classes are all named StableDiffusionXL*; SD 1.x/2.x and
-    Stable Video Diffusion share the SD VAE latent space. Other latent spaces
+    SDXL pipeline classes are all named StableDiffusionXL*; Stable Video
+    Diffusion shares SD's latent space but runs on 5-D video latents and
+    serves image-to-video only, so it is its own family. Other latent spaces
     (SD3, Flux: 16 channels) have no preview factors here, so they are refused.
     """
     vae = getattr(pipe, "vae", None)
@@ -116,7 +124,10 @@ def pipeline_family(pipe: Any) -> str:
             f"{type(pipe).__name__} has {channels} latent channels; only 4-channel "
             "SD 1.x/2.x and SDXL pipelines are supported"
         )
-    return "sdxl" if "StableDiffusionXL" in type(pipe).__name__ else "sd1"
+    name = type(pipe).__name__
+    if "StableVideoDiffusion" in name:
+        return "svd"
+    return "sdxl" if "StableDiffusionXL" in name else "sd1"
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, cache_dir: str | None) -> Any:
@@ -138,8 +149,8 @@ def load_model(model_id: str, device: str | None = None) -> LoadedModel:
     dtype = _dtype_for(device)
     start = time.perf_counter()
 
-    if model_id == TINY_SD:
-        pipe = build_tiny_sd()
+    if model_id in TINY_BUILDERS:
+        pipe = TINY_BUILDERS[model_id]()
         if dtype != torch.float32:
             # Random weights have nothing to keep in fp32; silence diffusers' advice about it.
             with quiet_diffusers():

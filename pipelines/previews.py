@@ -8,7 +8,9 @@ message: latent_rgb costs a 4x3 matrix multiply, vae a full decode.
 from __future__ import annotations
 
 import io
+import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +20,9 @@ from PIL import Image
 if TYPE_CHECKING:
     from pipelines.loader import LoadedModel
 
-METHODS = ("latent_rgb", "vae")
+log = logging.getLogger(__name__)
+
+METHODS = ("latent_rgb", "taesd", "vae")
 FORMATS = ("webp", "jpeg")
 LATENT_SCALE = 8
 """Pixels per latent cell in SD 1.x/2.x and SDXL (the VAE scale factor)."""
@@ -44,6 +48,9 @@ LATENT_RGB: dict[str, tuple[list[list[float]], list[float]]] = {
         [0.1084, -0.0175, -0.0011],
     ),
 }
+
+LATENT_RGB["svd"] = LATENT_RGB["sd1"]
+"""SVD's VAE is SD's (same latent space), applied frame by frame."""
 
 QUALITIES = (80, 60, 40, 25, 10)
 """Tried in order before shrinking: quality is cheaper to give up than size."""
@@ -99,11 +106,13 @@ def vae_decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
         lat = lat + shift
     original = vae.dtype
     upcast = original == torch.float16 and bool(getattr(config, "force_upcast", False))
+    # The temporal decoder of video models (SVD) wants the frame count.
+    extra = {"num_frames": lat.shape[0]} if model.family == "svd" else {}
     with torch.inference_mode():
         if upcast:
             vae.to(torch.float32)
         try:
-            decoded = vae.decode(lat.to(vae.device, vae.dtype), return_dict=False)[0]
+            decoded = vae.decode(lat.to(vae.device, vae.dtype), return_dict=False, **extra)[0]
         finally:
             if upcast:
                 vae.to(original)
@@ -185,15 +194,116 @@ def make_preview(
     max_side: int = 512,
     max_bytes: int = 256 * 1024,
 ) -> tuple[bytes, int, int]:
-    """A preview of `latents` by `method` ("latent_rgb" or "vae"), encoded by encode_preview."""
-    _check_format(fmt)
+    """A preview of `latents` by `method`, encoded by encode_preview (see render_preview)."""
+    r = render_preview(model, latents, method, fmt, max_side, max_bytes)
+    return r.data, r.width, r.height
+
+
+# ------------------------------------------------------------------ any job
+
+
+@dataclass(frozen=True)
+class RenderedPreview:
+    """An encoded preview and how it was made."""
+
+    data: bytes
+    width: int
+    height: int
+    method: str
+    """The method used: the one asked for, or latent_rgb when TAESD weights are missing."""
+    frames: int = 1
+    """Video frames shown: 1, or every frame (an animated WebP, or a JPEG grid)."""
+
+
+def _flatten(latents: torch.Tensor, frame: int | None) -> tuple[torch.Tensor, int]:
+    """Image latents (B, 4, h, w) as they are; video latents (B, F, 4, h, w) as 4-D frames.
+
+    Returns the 4-D latents and how many frames of one video they hold (1 for images).
+    """
+    if latents.ndim == 4:
+        return latents, 1
+    if latents.ndim != 5:
+        raise ValueError(f"expected 4-D or 5-D latents, got {tuple(latents.shape)}")
+    if frame is not None:
+        if not 0 <= frame < latents.shape[1]:
+            raise ValueError(f"frame {frame} outside 0..{latents.shape[1] - 1}")
+        return latents[:, frame], 1
+    return latents[0], latents.shape[1]  # one video per job: its frames
+
+
+def _grid(images: list[Image.Image]) -> Image.Image:
+    """Frames in a near-square grid, row by row (JPEG has no animation)."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    frame = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        frame.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return frame
+
+
+def encode_animation(
+    frames: list[Image.Image], max_side: int, max_bytes: int, fps: int = 6
+) -> tuple[bytes, int, int]:
+    """An animated WebP of the frames under max_bytes: lower quality first, then size."""
+    size = _fit(frames[0], max_side).size
+    while True:
+        scaled = [f.convert("RGB").resize(size, Image.Resampling.BILINEAR) for f in frames]
+        for quality in QUALITIES:
+            buf = io.BytesIO()
+            scaled[0].save(
+                buf,
+                format="WEBP",
+                save_all=True,
+                append_images=scaled[1:],
+                duration=max(1, 1000 // max(1, fps)),
+                loop=0,
+                quality=quality,
+                method=2,
+            )
+            if buf.tell() <= max_bytes:
+                return buf.getvalue(), size[0], size[1]
+        if min(size) <= 1:
+            raise ValueError(f"cannot encode an animated preview under {max_bytes} bytes")
+        size = (max(1, int(size[0] * SHRINK)), max(1, int(size[1] * SHRINK)))
+
+
+def _decode(model: LoadedModel, lat: torch.Tensor, method: str) -> tuple[list[Image.Image], str]:
+    if method == "taesd":
+        from pipelines.taesd import taesd_decode, taesd_for
+
+        vae = taesd_for(model.family, model.device, model.dtype)
+        if vae is not None:
+            return _to_pil(taesd_decode(vae, lat)), "taesd"
+        log.info("no TAESD weights for %s: preview falls back to latent_rgb", model.family)
+        method = "latent_rgb"
     if method == "latent_rgb":
-        images = latent_rgb(latents, model.family)
-    elif method == "vae":
-        images = vae_decode(model, latents)
+        return latent_rgb(lat, model.family), method
+    if method == "vae":
+        return vae_decode(model, lat), method
+    raise ValueError(f"unknown preview method {method!r}; expected one of {METHODS}")
+
+
+def render_preview(
+    model: LoadedModel,
+    latents: torch.Tensor,
+    method: str = "latent_rgb",
+    fmt: str = "webp",
+    max_side: int = 512,
+    max_bytes: int = 256 * 1024,
+    frame: int | None = None,
+) -> RenderedPreview:
+    """A preview of image or video latents; for video, one chosen frame or all of them."""
+    _check_format(fmt)
+    lat, frames = _flatten(latents, frame)
+    images, used = _decode(model, lat, method)
+    if frames == 1:
+        data, w, h = encode_preview(images, fmt=fmt, max_side=max_side, max_bytes=max_bytes)
+    elif fmt == "webp":
+        data, w, h = encode_animation(images, max_side, max_bytes)
     else:
-        raise ValueError(f"unknown preview method {method!r}; expected one of {METHODS}")
-    return encode_preview(images, fmt=fmt, max_side=max_side, max_bytes=max_bytes)
+        data, w, h = encode_preview([_grid(images)], fmt, max_side, max_bytes)
+    return RenderedPreview(data, w, h, used, frames)
 
 
 def noise_scales(model: LoadedModel, num_inference_steps: int) -> list[float]:

@@ -25,12 +25,15 @@ if TYPE_CHECKING:
         AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextModel, CLIPTokenizer
 
 TINY_SD = "stepstream/tiny-sd"
 """Reserved model id: load_model() builds this pipeline instead of reading disk."""
+TINY_SDXL = "stepstream/tiny-sdxl"
+"""Reserved: a tiny SDXL pipeline (two text encoders, text_time conditioning)."""
 
 VOCAB_SIZE = 1000
 MAX_TOKENS = 77
@@ -94,11 +97,11 @@ def build_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=MAX_TOKENS)
 
 
-def _text_encoder() -> CLIPTextModel:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_config(projection_dim: int = 512) -> object:
+    from transformers import CLIPTextConfig
 
     vocab, _ = tokenizer_files()
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
         intermediate_size=37,
@@ -109,8 +112,14 @@ def _text_encoder() -> CLIPTextModel:
         bos_token_id=vocab[BOS],
         eos_token_id=vocab[EOS],
         pad_token_id=vocab[EOS],
+        projection_dim=projection_dim,
     )
-    return CLIPTextModel(config)
+
+
+def _text_encoder() -> CLIPTextModel:
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(_text_config())
 
 
 def _unet() -> UNet2DConditionModel:
@@ -126,6 +135,29 @@ def _unet() -> UNet2DConditionModel:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _sdxl_unet() -> UNet2DConditionModel:
+    """SDXL's conditioning: both encoders' states (32 + 32) and text_time embeddings."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled text
+        cross_attention_dim=64,
         norm_num_groups=8,
     )
 
@@ -222,6 +254,36 @@ def build_tiny_sd() -> StableDiffusionPipeline:
             feature_extractor=None,
             requires_safety_checker=False,
             image_encoder=None,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_sdxl() -> StableDiffusionXLPipeline:
+    """The tiny SDXL pipeline, CPU float32, built like build_tiny_sd."""
+    with quiet_diffusers(), torch.random.fork_rng(devices=[]):
+        from diffusers import StableDiffusionXLPipeline
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        torch.manual_seed(WEIGHT_SEED)
+        unet = _sdxl_unet()
+        torch.manual_seed(WEIGHT_SEED)
+        vae = _vae()
+        torch.manual_seed(WEIGHT_SEED)
+        text_encoder = CLIPTextModel(_text_config(32))
+        torch.manual_seed(WEIGHT_SEED + 1)
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(32))
+        tokenizer = build_tokenizer()
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=_scheduler(),
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.fields import Bin, Float, Int, Items, Str, Wide
+from protocol.fields import Bin, Float, Int, Items, KeyedBy, Str, Wide
 from protocol.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
 
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
@@ -187,26 +187,82 @@ def _codec_for(annotation: Any) -> tuple[Encoder, Decoder]:
     raise TypeError(f"field type {annotation} has no codec rule")
 
 
+def _keyed_rule(annotation: Any) -> KeyedBy | None:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return next((r for r in typing.get_args(annotation)[1:] if isinstance(r, KeyedBy)), None)
+    return None
+
+
+def _keyed_codec(rule: KeyedBy) -> tuple[Callable[[Any, Any], Any], Callable[[Any, str, Any], Any]]:
+    """Codec of a structure chosen by a sibling's value (e.g. a job's params by its pipeline)."""
+    choices = dict(rule.choices)
+
+    def pick(key: Any) -> type:
+        return choices.get(key, rule.other) if type(key) is str else rule.other
+
+    def encode(value: Any, key: Any) -> Any:
+        cls = pick(key)
+        if type(value) is not cls:
+            raise ValueError(f"{rule.key} {key!r} takes {cls.__name__}, not {type(value).__name__}")
+        return _struct_codec(cls)[0](value)
+
+    def decode(value: Any, path: str, key: Any) -> Any:
+        return _struct_codec(pick(key))[1](value, path)
+
+    return encode, decode
+
+
+FieldEncoder = Callable[[Any, Any], Any]
+"""(value, the structure holding it) -> wire value."""
+FieldDecoder = Callable[[Any, str, dict[str, Any]], Any]
+"""(wire value, path, sibling fields decoded so far) -> value."""
+
+
+def _field_codec(annotation: Any) -> tuple[FieldEncoder, FieldDecoder]:
+    """A field's codec; a KeyedBy field also sees its sibling key (declared before it)."""
+    keyed = _keyed_rule(annotation)
+    if keyed is not None:
+        kenc, kdec = _keyed_codec(keyed)
+        key = keyed.key
+
+        def enc_keyed(v: Any, obj: Any) -> Any:
+            return kenc(v, getattr(obj, key))
+
+        def dec_keyed(v: Any, p: str, kw: dict[str, Any]) -> Any:
+            return kdec(v, p, kw.get(key))
+
+        return enc_keyed, dec_keyed
+    enc, dec = _codec_for(annotation)
+
+    def enc_plain(v: Any, _obj: Any) -> Any:
+        return enc(v)
+
+    def dec_plain(v: Any, p: str, _kw: dict[str, Any]) -> Any:
+        return dec(v, p)
+
+    return enc_plain, dec_plain
+
+
 @cache
 def _struct_codec(cls: type) -> tuple[Encoder, Decoder]:
     """Codec for a dataclass: a msgpack map of its fields."""
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = []
     for f in dataclasses.fields(cls):
-        enc, dec = _codec_for(hints[f.name])
+        enc, dec = _field_codec(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         fields.append((f.name, enc, dec, required))
 
     def encode(value: Any) -> dict[str, Any]:
-        return {name: enc(getattr(value, name)) for name, enc, _dec, _req in fields}
+        return {name: enc(getattr(value, name), value) for name, enc, _dec, _req in fields}
 
     def decode(value: Any, path: str) -> Any:
         if type(value) is not dict:
             raise _invalid(path, f"expected a map, got {type(value).__name__}")
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for name, _enc, dec, required in fields:
             if name in value:
-                kwargs[name] = dec(value[name], f"{path}.{name}")
+                kwargs[name] = dec(value[name], f"{path}.{name}", kwargs)
             elif required:
                 raise _invalid(f"{path}.{name}", "missing")
         return cls(**kwargs)

@@ -56,6 +56,21 @@ class Items:
     max_items: int
 
 
+@dataclass(frozen=True)
+class KeyedBy:
+    """A structure whose class is picked by a sibling field decoded before it.
+
+    ``choices`` maps the sibling's value to a dataclass; any other value
+    decodes the field as ``other`` (a structure that ignores its keys), so a
+    peer can refuse a value it does not know at the job level rather than
+    failing the frame.
+    """
+
+    key: str
+    choices: tuple[tuple[str, type], ...]
+    other: type
+
+
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 

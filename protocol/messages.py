@@ -21,6 +21,7 @@ from protocol.fields import (
     Int,
     Items,
     JobId,
+    KeyedBy,
     ModelId,
     Name,
     Str,
@@ -33,6 +34,8 @@ PROTOCOL_VERSION = 1
 
 MAX_PREVIEW_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 12 << 20
+MAX_FRAMES = 128
+"""Most video frames a job may ask for and a result may carry."""
 
 
 class Role(StrEnum):
@@ -67,6 +70,61 @@ class TextToImageParams:
     num_inference_steps: Annotated[int, Int(1, 1000)] = 50
     seed: Annotated[int, Int(0, 2**32 - 1)] | None = None
     num_images_per_prompt: Annotated[int, Int(1, 16)] = 1
+
+    PIPELINE: ClassVar[str] = "text-to-image"
+
+
+@dataclass(frozen=True)
+class ImageToImageParams:
+    """Image-to-image request, with ai-runner's names and defaults.
+
+    The output has the input image's size. `image` is optional on the wire so
+    that a request without one is refused as a job (invalid_request), not as
+    a broken frame.
+    """
+
+    prompt: Annotated[str, Str(1, 4000)]
+    image: Annotated[bytes, Bin(1, MAX_IMAGE_BYTES)] | None = None
+    """The input image, PNG, JPEG or WebP bytes."""
+    negative_prompt: Annotated[str, Str(0, 4000)] = ""
+    strength: Annotated[float, Float(0.0, 1.0)] = 0.8
+    guidance_scale: Annotated[float, Float(0.0, 50.0)] = 7.5
+    num_inference_steps: Annotated[int, Int(1, 1000)] = 100
+    seed: Annotated[int, Int(0, 2**32 - 1)] | None = None
+    num_images_per_prompt: Annotated[int, Int(1, 16)] = 1
+
+    PIPELINE: ClassVar[str] = "image-to-image"
+
+
+@dataclass(frozen=True)
+class ImageToVideoParams:
+    """Image-to-video (Stable Video Diffusion) request, with ai-runner's names and defaults."""
+
+    image: Annotated[bytes, Bin(1, MAX_IMAGE_BYTES)] | None = None
+    """The conditioning image, PNG, JPEG or WebP bytes; resized to width x height."""
+    width: Annotated[int, Int(8, 4096)] = 1024
+    height: Annotated[int, Int(8, 4096)] = 576
+    fps: Annotated[int, Int(1, 120)] = 6
+    motion_bucket_id: Annotated[int, Int(0, 1023)] = 127
+    noise_aug_strength: Annotated[float, Float(0.0, 10.0)] = 0.02
+    num_inference_steps: Annotated[int, Int(1, 1000)] = 25
+    seed: Annotated[int, Int(0, 2**32 - 1)] | None = None
+    num_frames: Annotated[int, Int(1, MAX_FRAMES)] = 25
+
+    PIPELINE: ClassVar[str] = "image-to-video"
+
+
+@dataclass(frozen=True)
+class OtherParams:
+    """`params` of a pipeline this version does not define: any map, contents ignored."""
+
+    PIPELINE: ClassVar[str] = ""
+
+
+JobParams = TextToImageParams | ImageToImageParams | ImageToVideoParams | OtherParams
+PARAMS_BY_PIPELINE: dict[str, type] = {
+    cls.PIPELINE: cls for cls in (TextToImageParams, ImageToImageParams, ImageToVideoParams)
+}
 
 
 @dataclass(frozen=True)
@@ -147,10 +205,15 @@ class JobRequest(Message):
     job_id: JobId
     pipeline: Name
     model_id: ModelId
-    params: TextToImageParams
+    params: Annotated[
+        JobParams, KeyedBy("pipeline", tuple(PARAMS_BY_PIPELINE.items()), OtherParams)
+    ]
+    """The structure named by `pipeline` (spec 4.3)."""
     preview_every: Annotated[int, Int(1, 1000)] = 1
     preview_method: Name = "latent_rgb"
     preview_format: Name = "webp"
+    preview_frame: Annotated[int, Int(0, MAX_FRAMES - 1)] | None = None
+    """Video jobs: preview only this frame; nil previews every frame."""
 
 
 @dataclass(frozen=True)
@@ -228,17 +291,25 @@ class Preview(Message):
     format: Name
     width: UInt32
     height: UInt32
+    method: Name | None = None
+    """The method that made this preview, when it differs from the request's (a fallback)."""
+    frames: UInt32 = 1
+    """Video frames shown: 1, or all of them as an animation (webp) or a grid (jpeg)."""
 
 
 @dataclass(frozen=True)
 class Result(Message):
+    """The output: images (text/image-to-image) or video frames in order (image-to-video)."""
+
     TYPE: ClassVar[str] = "result"
     SENDER: ClassVar[frozenset[Role]] = O
     job_id: JobId
-    images: Annotated[tuple[ResultImage, ...], Items(1, 16)]
+    images: Annotated[tuple[ResultImage, ...], Items(0, 16)]
     steps: UInt32
     pixel_steps: UInt64
     fee: Fraction
+    frames: Annotated[tuple[ResultImage, ...], Items(0, MAX_FRAMES)] = ()
+    fps: UInt32 = 0
 
 
 @dataclass(frozen=True)

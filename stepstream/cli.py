@@ -107,6 +107,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     bench = sub.add_parser("bench", help="network job vs. direct pipeline, side by side")
+    bench.add_argument(
+        "what",
+        nargs="?",
+        default="network",
+        choices=["network", "pipelines"],
+        help="network: overhead of the network; pipelines: per-step and preview costs",
+    )
+    bench.add_argument("--frames", type=int, default=4, help="video frames (bench pipelines)")
+    bench.add_argument("--repeats", type=int, default=5, help="previews timed per method")
+    bench.add_argument(
+        "--taesd-random-weights",
+        action="store_true",
+        help="time TAESD with its real architecture and random weights when none are on disk",
+    )
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--size", type=int, default=64)
@@ -141,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from stepstream.run_orchestrator import run_deploy_broker
 
         return run_deploy_broker(args)
+    if args.command == "bench" and args.what == "pipelines":
+        from stepstream.bench_pipelines import run_bench_pipelines
+
+        return run_bench_pipelines(args)
     if args.command == "bench":
         from stepstream.bench import run_bench
 

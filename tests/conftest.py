@@ -54,3 +54,17 @@ async def orchestrator_on_loopback(
 async def running(tiny_model: LoadedModel) -> AsyncIterator[RunningOrchestrator]:
     async with orchestrator_on_loopback(tiny_model) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_model() -> LoadedModel:
+    from pipelines.tiny import TINY_SDXL
+
+    return load_model(TINY_SDXL, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_svd_model() -> LoadedModel:
+    from pipelines.tiny_svd import TINY_SVD
+
+    return load_model(TINY_SVD, device="cpu")

@@ -234,7 +234,9 @@ def test_check_reports_what_the_peer_would_answer() -> None:
 
 
 def test_optional_none_and_defaults() -> None:
-    message = JobRequest(job_id="j", pipeline="p", model_id="m", params=TextToImageParams("x"))
+    message = JobRequest(
+        job_id="j", pipeline="text-to-image", model_id="m", params=TextToImageParams("x")
+    )
     raw = msgpack.unpackb(codec.encode(message), raw=False)
     assert raw["params"]["seed"] is None
     assert codec.decode(codec.encode(message)) == message
@@ -339,7 +341,7 @@ def test_missing_type() -> None:
 
 HELLO = Hello(sender=ADDR)
 PROGRESS = Progress(job_id="j", step=1, total_steps=2, covered_steps=1)
-JOB = JobRequest(job_id="j", pipeline="p", model_id="m", params=PROMPT)
+JOB = JobRequest(job_id="j", pipeline="text-to-image", model_id="m", params=PROMPT)
 JOB_PARAMS = msgpack.unpackb(codec.encode(JOB), raw=False)["params"]
 ACCEPTED = SAMPLES[6]
 ACCEPTED_RAW = msgpack.unpackb(codec.encode(ACCEPTED), raw=False)

@@ -34,6 +34,7 @@ from protocol.messages import (
     JobAccepted,
     JobRequest,
     Message,
+    OtherParams,
     Progress,
     Role,
     TextToImageParams,
@@ -210,7 +211,7 @@ async def test_invalid_jobs_are_refused_before_payment(running: RunningOrchestra
             reply = await client.recv()
             assert isinstance(reply, Error) and reply.code == code and reply.job_id == f"bad{i}"
         await client.send(
-            JobRequest(job_id="v", pipeline="image-to-video", model_id=TINY_SD, params=small())
+            JobRequest(job_id="v", pipeline="upscale", model_id=TINY_SD, params=OtherParams())
         )
         reply = await client.recv()
         assert isinstance(reply, Error) and reply.code == "unsupported_pipeline"

@@ -34,7 +34,7 @@ import msgpack  # noqa: E402
 
 from protocol import codec  # noqa: E402
 from protocol.errors import ErrorCode, ProtocolError  # noqa: E402
-from protocol.fields import UINT32_MAX, UINT64_MAX, Wide  # noqa: E402
+from protocol.fields import UINT32_MAX, UINT64_MAX, KeyedBy, Wide  # noqa: E402
 from protocol.messages import (  # noqa: E402
     MESSAGE_TYPES,
     AwaitingPayment,
@@ -44,6 +44,8 @@ from protocol.messages import (  # noqa: E402
     Credit,
     Error,
     Hello,
+    ImageToImageParams,
+    ImageToVideoParams,
     Info,
     JobAccepted,
     JobRequest,
@@ -220,6 +222,56 @@ MESSAGES: list[tuple[str, Message]] = [
             fee=512 * 512 * 20 * PRICE,
         ),
     ),
+    (
+        "job_image_to_image",
+        JobRequest(
+            job_id=JOB_ID,
+            pipeline="image-to-image",
+            model_id="stabilityai/sdxl-turbo",
+            params=ImageToImageParams(
+                prompt="the same lighthouse in winter",
+                image=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
+                strength=0.5,
+                num_inference_steps=8,
+                seed=7,
+            ),
+            preview_every=2,
+        ),
+    ),
+    (
+        "job_image_to_video",
+        JobRequest(
+            job_id=JOB_ID,
+            pipeline="image-to-video",
+            model_id="stabilityai/stable-video-diffusion-img2vid-xt",
+            params=ImageToVideoParams(
+                image=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", width=512, height=288, seed=3
+            ),
+            preview_every=5,
+            preview_frame=12,
+        ),
+    ),
+    (
+        "result_video",
+        Result(
+            job_id=JOB_ID,
+            images=(),
+            steps=25,
+            pixel_steps=512 * 288 * 2 * 25,
+            fee=512 * 288 * 2 * 25 * PRICE,
+            frames=tuple(
+                ResultImage(
+                    image=b"\x89PNG\r\n\x1a\n" + bytes([i]),
+                    format="png",
+                    width=512,
+                    height=288,
+                    seed=3,
+                )
+                for i in range(2)
+            ),
+            fps=6,
+        ),
+    ),
     ("cancel", Cancel(job_id=JOB_ID)),
     ("cancelled", Cancelled(job_id=JOB_ID, steps=7)),
     ("error_job", Error(code="no_capacity", message="all slots busy", job_id=JOB_ID)),
@@ -251,6 +303,8 @@ def to_json(value: Any, annotation: Any) -> Any:
     if inner is not None:
         return None if value is None else to_json(value, inner)
     bare, rules = _unwrap(annotation)
+    if any(isinstance(r, KeyedBy) for r in rules):
+        return struct_to_json(value)
     if typing.get_origin(bare) is tuple:
         (item, _ellipsis) = typing.get_args(bare)
         return [to_json(v, item) for v in value]
@@ -297,7 +351,15 @@ def struct_to_json(value: Any) -> dict[str, Any]:
 
 def struct_from_json(cls: type, data: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
-    return cls(**{f.name: from_json(data[f.name], hints[f.name]) for f in dataclasses.fields(cls)})
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        keyed = next((r for r in _unwrap(hints[f.name])[1] if isinstance(r, KeyedBy)), None)
+        if keyed is not None:
+            chosen = dict(keyed.choices).get(kwargs[keyed.key], keyed.other)
+            kwargs[f.name] = struct_from_json(chosen, data[f.name])
+        else:
+            kwargs[f.name] = from_json(data[f.name], hints[f.name])
+    return cls(**kwargs)
 
 
 def message_from_vector(vector: dict[str, Any]) -> Message:

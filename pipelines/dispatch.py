@@ -1,0 +1,67 @@
+"""One entry point for every pipeline: which model runs what, steps, and the run itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipelines.image_to_image import img2img_steps, run_image_to_image
+from pipelines.image_to_video import run_image_to_video, video_steps
+from pipelines.text_to_image import executed_steps as text_steps
+from pipelines.text_to_image import run_text_to_image
+from protocol.messages import (
+    ImageToImageParams,
+    ImageToVideoParams,
+    JobParams,
+    TextToImageParams,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipelines.loader import LoadedModel
+    from pipelines.text_to_image import StepHooks
+
+PIPELINES_BY_FAMILY: dict[str, frozenset[str]] = {
+    "sd1": frozenset({"text-to-image", "image-to-image"}),
+    "sdxl": frozenset({"text-to-image", "image-to-image"}),
+    "svd": frozenset({"image-to-video"}),
+}
+"""What a loaded model can serve, by its latent family."""
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """Images of an image job, or the frames (in order) of a video job."""
+
+    images: list[Image.Image]
+    video: bool = False
+    fps: int = 0
+
+
+def supports(model: LoadedModel, pipeline: str) -> bool:
+    return pipeline in PIPELINES_BY_FAMILY.get(model.family, frozenset())
+
+
+def executed_steps(params: JobParams, model: LoadedModel | None = None) -> int:
+    """Denoising steps the job executes: the unit it is priced and paid in."""
+    if isinstance(params, TextToImageParams):
+        return text_steps(params, model)
+    if isinstance(params, ImageToImageParams):
+        return img2img_steps(params, model)
+    if isinstance(params, ImageToVideoParams):
+        return video_steps(params, model)
+    raise TypeError(f"no pipeline takes {type(params).__name__}")
+
+
+def run_job(model: LoadedModel, params: JobParams, hooks: StepHooks, seed: int) -> JobOutput:
+    """Run the pipeline `params` is for; hooks gate every step (see StepHooks)."""
+    if not supports(model, params.PIPELINE):
+        raise TypeError(f"{model.model_id} ({model.family}) does not run {params.PIPELINE}")
+    if isinstance(params, TextToImageParams):
+        return JobOutput(run_text_to_image(model, params, hooks, seed))
+    if isinstance(params, ImageToImageParams):
+        return JobOutput(run_image_to_image(model, params, hooks, seed))
+    if isinstance(params, ImageToVideoParams):
+        return JobOutput(run_image_to_video(model, params, hooks, seed), True, params.fps)
+    raise TypeError(f"no pipeline takes {type(params).__name__}")

@@ -1,0 +1,69 @@
+"""Run an image-to-video job (Stable Video Diffusion) one paid step at a time.
+
+Every step denoises all frames at once, so a step's price counts every frame
+(width x height x frames pixels). SVD ignores `pipe._interrupt`; the step
+callback stops it by raising, like every other pipeline here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipelines.requests import decode_image, output_shape
+from pipelines.stepping import generators, step_callback
+from pipelines.text_to_image import job_pipeline
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from pipelines.loader import LoadedModel
+    from pipelines.text_to_image import StepHooks
+    from protocol.messages import ImageToVideoParams
+
+DECODE_CHUNK_FRAMES = 8
+"""Frames the temporal VAE decodes at once: bounds decode memory on small GPUs."""
+
+
+def video_steps(params: ImageToVideoParams, model: LoadedModel | None = None) -> int:
+    """Steps executed: what the model's scheduler makes of num_inference_steps."""
+    if model is None:
+        return params.num_inference_steps
+    scheduler = model.pipe.scheduler
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(params.num_inference_steps, device="cpu")
+    return len(probe.timesteps)
+
+
+def run_image_to_video(
+    model: LoadedModel, params: ImageToVideoParams, hooks: StepHooks, seed: int
+) -> list[Image.Image]:
+    """params.num_frames frames of width x height, in order, gated by `hooks`."""
+    shape = output_shape(params)
+    image = decode_image(params.image, "image-to-video")
+    pipe = job_pipeline(model)
+    hooks.wait_for_step(1)
+    with torch.inference_mode():
+        out = pipe(
+            image,
+            width=params.width,
+            height=params.height,
+            num_frames=params.num_frames,
+            num_inference_steps=params.num_inference_steps,
+            fps=params.fps,
+            motion_bucket_id=params.motion_bucket_id,
+            noise_aug_strength=params.noise_aug_strength,
+            decode_chunk_size=DECODE_CHUNK_FRAMES,
+            generator=generators(model.device, seed, 1)[0],
+            output_type="pil",
+            callback_on_step_end=step_callback(hooks, video_steps(params, model)),
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+    frames: list[Image.Image] = list(out.frames[0])
+    if len(frames) != shape.count or any(f.size != (shape.width, shape.height) for f in frames):
+        raise RuntimeError(
+            f"pipeline returned {len(frames)} frames of {frames[0].size if frames else '?'}, "
+            f"expected {shape.count} of {shape.width}x{shape.height}"
+        )
+    return frames
