@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from protocol.messages import ResultImage
+from protocol.messages import Latents, ResultImage
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class PreviewFrame:
     format: str
     width: int
     height: int
+    latents: Latents | None = None
+    """The job's state after this step, when the job asked for it (spec 15)."""
 
 
 @dataclass(frozen=True)
@@ -69,4 +71,34 @@ class JobError:
     message: str
 
 
-Event = Accepted | ProgressUpdate | PreviewFrame | PaymentSent | JobResult | JobError
+@dataclass(frozen=True)
+class OrchestratorChanged:
+    """The job moved: `old` stopped being paid and was cancelled, `new` continues it.
+
+    With `resumed` the new orchestrator continues from step `from_step`; otherwise
+    it restarts from step 0. `paid` is the EV paid to `old`, `delivered_steps`
+    the steps it reported, each step costing `step_fee` at its price.
+    """
+
+    job_id: str
+    old: str
+    new: str
+    reason: str
+    detail: str
+    resumed: bool
+    from_step: int
+    delivered_steps: int
+    paid: Fraction
+    step_fee: Fraction
+    window_steps: int
+
+
+Event = (
+    Accepted
+    | ProgressUpdate
+    | PreviewFrame
+    | PaymentSent
+    | JobResult
+    | JobError
+    | OrchestratorChanged
+)

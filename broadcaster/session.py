@@ -48,6 +48,7 @@ from protocol.messages import (
     Preview,
     Progress,
     Result,
+    ResumeFrom,
     Role,
     TextToImageParams,
 )
@@ -148,8 +149,14 @@ class BroadcasterSession:
         preview_method: str = "latent_rgb",
         preview_format: str = "webp",
         job_id: str | None = None,
+        want_latents: bool = False,
+        resume: ResumeFrom | None = None,
     ) -> AsyncIterator[Event]:
-        """Run one job, yielding its events; the last one is a JobResult or a JobError."""
+        """Run one job, yielding its events; the last one is a JobResult or a JobError.
+
+        `want_latents` asks previews to carry the latents; `resume` continues a
+        job begun elsewhere (spec 15), and its steps then count from there.
+        """
         job_id = job_id or uuid.uuid4().hex
         refusal = self._check_offer(pipeline, model_id)
         if refusal is not None:
@@ -163,6 +170,8 @@ class BroadcasterSession:
             preview_every=preview_every,
             preview_method=preview_method,
             preview_format=preview_format,
+            want_latents=want_latents,
+            resume=resume,
         )
         try:
             check(request)
@@ -229,6 +238,7 @@ class BroadcasterSession:
                         message.format,
                         message.width,
                         message.height,
+                        message.latents,
                     )
                 elif isinstance(message, Result):
                     yield JobResult(

@@ -21,6 +21,7 @@ import torch
 
 from pipelines.loader import LoadedModel
 from pipelines.previews import make_preview
+from pipelines.resume import ResumePoint, latents_to_bytes, resume_scheduler_name
 from pipelines.text_to_image import run_text_to_image
 from protocol.credit import JobCredit
 from protocol.errors import ErrorCode, ProtocolError
@@ -28,6 +29,7 @@ from protocol.messages import (
     AwaitingPayment,
     Cancelled,
     JobRequest,
+    Latents,
     Message,
     Preview,
     Progress,
@@ -71,8 +73,11 @@ class RunningJob:
         seed: int,
         send: Callable[[Message], Awaitable[None]],
         payment_timeout: float,
+        resume: ResumePoint | None = None,
     ) -> None:
         self.request = request
+        self.resume = resume
+        """Where the job starts when it continues one begun elsewhere; steps count from there."""
         self.model = model
         self.ledger = ledger
         self.seed = seed
@@ -160,7 +165,9 @@ class RunningJob:
     # ---------------------------------------- called from the worker thread
 
     def _run_blocking(self) -> list:
-        return run_text_to_image(self.model, self.request.params, self, self.seed)
+        return run_text_to_image(
+            self.model, self.request.params, self, self.seed, resume=self.resume
+        )
 
     def _emit(self, message: Message) -> None:
         try:
@@ -227,6 +234,7 @@ class RunningJob:
                     format=req.preview_format,
                     width=width,
                     height=height,
+                    latents=self._latents(latents) if req.want_latents else None,
                 )
             )
         self._emit(
@@ -237,6 +245,14 @@ class RunningJob:
                 covered_steps=self.ledger.covered_steps,
             )
         )
+
+    def _latents(self, latents: torch.Tensor) -> Latents | None:
+        """The state a preview carries when asked, so another orchestrator can resume."""
+        scheduler = resume_scheduler_name(self.model.pipe)
+        if not scheduler:
+            return None
+        dtype, shape, data = latents_to_bytes(latents)
+        return Latents(scheduler=scheduler, dtype=dtype, shape=shape, data=data)
 
 
 def _png(image: object) -> bytes:

@@ -28,6 +28,7 @@ from orchestrator.jobs import JobOutcome, RunningJob
 from orchestrator.peer import Peer
 from pipelines.errors import InvalidRequest, ModelNotFound
 from pipelines.loader import LoadedModel, load_model
+from pipelines.resume import ResumePoint, latents_from_bytes, resume_scheduler_name
 from pipelines.text_to_image import executed_steps, validate_text_to_image
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection
@@ -92,6 +93,7 @@ class ModelSlot:
             capacity=self.entry.capacity,
             in_use=self.in_use,
             price_per_pixel_step=self.entry.price_per_pixel_step,
+            resume_scheduler=resume_scheduler_name(self.model.pipe) if self.model else "",
         )
 
 
@@ -108,6 +110,9 @@ class Stats:
 
 
 class Orchestrator:
+    job_class: type[RunningJob] = RunningJob
+    """What runs an admitted job; orchestrator/testing.py swaps in one that injects faults."""
+
     def __init__(self, config: OrchestratorConfig) -> None:
         self.config = config
         self.address = address_of(config.private_key)
@@ -218,7 +223,13 @@ class Orchestrator:
             await peer.send(error_message(err.code.value, err.message, req.job_id))
             return None
         params = req.params
-        steps = executed_steps(params, model)
+        try:
+            resume = self._resume_point(req, model)
+        except ProtocolError as err:
+            self.stats.jobs_refused += 1
+            await peer.send(error_message(err.code.value, err.message, req.job_id))
+            return None
+        steps = executed_steps(params, model) - (resume.step if resume else 0)
         pixels = params.width * params.height * params.num_images_per_prompt
         price = slot.entry.price_per_pixel_step
         fee_per_step = job_fee(pixels, 1, price)
@@ -232,13 +243,14 @@ class Orchestrator:
             secrets.token_bytes(16),
         )
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        job = RunningJob(
+        job = self.job_class(
             req,
             model,
             JobCredit(fee_per_step, steps),
             seed,
             lambda m: peer.send(m),
             self.config.payment_timeout,
+            resume=resume,
         )
         slot.in_use += 1
         self.stats.jobs_accepted += 1
@@ -291,6 +303,35 @@ class Orchestrator:
         except ModelNotFound as exc:
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, str(exc)) from None
         return slot, model
+
+    def _resume_point(self, req: JobRequest, model: LoadedModel) -> ResumePoint | None:
+        """The job's starting latents when it resumes one begun elsewhere (spec 15)."""
+        if req.resume is None:
+            return None
+        latents, p = req.resume.latents, req.params
+        scheduler = resume_scheduler_name(model.pipe)
+        if not scheduler or latents.scheduler != scheduler:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"cannot resume {latents.scheduler} latents here (resume scheduler: "
+                f"{scheduler or 'none'})",
+            )
+        if req.resume.step >= executed_steps(p, model):
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"resume step {req.resume.step} leaves no step of {p.num_inference_steps} to run",
+            )
+        shape = (p.num_images_per_prompt, 4, p.height // 8, p.width // 8)
+        if tuple(latents.shape) != shape:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"latents of shape {tuple(latents.shape)} do not fit the job's {shape}",
+            )
+        try:
+            tensor = latents_from_bytes(latents.dtype, tuple(latents.shape), latents.data)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        return ResumePoint(req.resume.step, tensor)
 
     async def _run(self, job: RunningJob, slot: ModelSlot) -> None:
         try:

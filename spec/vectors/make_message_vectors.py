@@ -34,7 +34,7 @@ import msgpack  # noqa: E402
 
 from protocol import codec  # noqa: E402
 from protocol.errors import ErrorCode, ProtocolError  # noqa: E402
-from protocol.fields import UINT32_MAX, UINT64_MAX, Wide  # noqa: E402
+from protocol.fields import UINT32_MAX, UINT64_MAX, Added, Wide  # noqa: E402
 from protocol.messages import (  # noqa: E402
     MESSAGE_TYPES,
     AwaitingPayment,
@@ -285,13 +285,26 @@ def from_json(data: Any, annotation: Any) -> Any:
 def struct_to_json(value: Any) -> dict[str, Any]:
     hints = typing.get_type_hints(type(value), include_extras=True)
     return {
-        f.name: to_json(getattr(value, f.name), hints[f.name]) for f in dataclasses.fields(value)
+        f.name: to_json(getattr(value, f.name), hints[f.name])
+        for f in dataclasses.fields(value)
+        if not (_added(hints[f.name]) and getattr(value, f.name) == f.default)
     }
+
+
+def _added(annotation: Any) -> bool:
+    """A minor-revision field: left out of frames (and vectors) while at its default."""
+    return any(isinstance(m, Added) for m in getattr(annotation, "__metadata__", ()))
 
 
 def struct_from_json(cls: type, data: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
-    return cls(**{f.name: from_json(data[f.name], hints[f.name]) for f in dataclasses.fields(cls)})
+    return cls(
+        **{
+            f.name: from_json(data[f.name], hints[f.name])
+            for f in dataclasses.fields(cls)
+            if f.name in data
+        }
+    )
 
 
 def message_from_vector(vector: dict[str, Any]) -> Message:
