@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import anyio
 
 from broadcaster.discovery import Discovery
-from broadcaster.events import JobResult, OrchestratorChanged, ProgressUpdate
+from broadcaster.events import JobError, JobResult, OrchestratorChanged, ProgressUpdate
 from broadcaster.failover import FailoverPolicy, JobRunner
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import SelectionConfig, Weights
@@ -80,6 +80,8 @@ async def one_run(
                 change = event
             elif isinstance(event, JobResult):
                 result = event
+            elif isinstance(event, JobError):
+                raise RuntimeError(f"bench job failed: {event.code}: {event.message}")
     if change is None or result is None or stall_at is None or recovered_at is None:
         raise RuntimeError("the bench job did not fail over and finish")
     intervals = [
