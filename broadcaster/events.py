@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from protocol.messages import ResultImage
+from protocol.messages import Latents, ResultImage
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class PreviewFrame:
     """Set when the orchestrator used another method than asked (a fallback)."""
     frames: int = 1
     """Video frames shown (all of them animated or in a grid, or 1)."""
+    latents: Latents | None = None
+    """The job's state after this step, when the job asked for it (spec 15)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class JobResult:
     time_to_first_preview: float | None
     steps_per_second: float
     winners: int = 0
-    """Winning tickets among those paid, as the orchestrator's credit messages counted."""
+    """Winning tickets among those paid, as the orchestrator's credit messages counted
+    (after a failover, those of the orchestrator that finished the job)."""
     frames: tuple[ResultImage, ...] = ()
     """Video jobs: the frames in order (then `images` is empty)."""
     fps: int = 0
@@ -78,4 +81,34 @@ class JobError:
     message: str
 
 
-Event = Accepted | ProgressUpdate | PreviewFrame | PaymentSent | JobResult | JobError
+@dataclass(frozen=True)
+class OrchestratorChanged:
+    """The job moved: `old` stopped being paid and was cancelled, `new` continues it.
+
+    With `resumed` the new orchestrator continues from step `from_step`; otherwise
+    it restarts from step 0. `paid` is the EV paid to `old`, `delivered_steps`
+    the steps it reported, each step costing `step_fee` at its price.
+    """
+
+    job_id: str
+    old: str
+    new: str
+    reason: str
+    detail: str
+    resumed: bool
+    from_step: int
+    delivered_steps: int
+    paid: Fraction
+    step_fee: Fraction
+    window_steps: int
+
+
+Event = (
+    Accepted
+    | ProgressUpdate
+    | PreviewFrame
+    | PaymentSent
+    | JobResult
+    | JobError
+    | OrchestratorChanged
+)

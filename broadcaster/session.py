@@ -53,6 +53,7 @@ from protocol.messages import (
     Preview,
     Progress,
     Result,
+    ResumeFrom,
     Role,
     TicketParams,
 )
@@ -154,11 +155,15 @@ class BroadcasterSession:
         preview_format: str = "webp",
         job_id: str | None = None,
         preview_frame: int | None = None,
+        want_latents: bool = False,
+        resume: ResumeFrom | None = None,
     ) -> AsyncIterator[Event]:
         """Run one job, yielding its events; the last one is a JobResult or a JobError.
 
         The pipeline defaults to the one `params` is for (TextToImageParams:
-        text-to-image, ImageToImageParams, ImageToVideoParams).
+        text-to-image, ImageToImageParams, ImageToVideoParams). `want_latents`
+        asks previews to carry the latents; `resume` continues a job begun
+        elsewhere (spec 15), and its steps then count from there.
         """
         job_id = job_id or uuid.uuid4().hex
         pipeline = pipeline or params.PIPELINE
@@ -175,6 +180,8 @@ class BroadcasterSession:
             preview_method=preview_method,
             preview_format=preview_format,
             preview_frame=preview_frame,
+            want_latents=want_latents,
+            resume=resume,
         )
         try:
             check(request)
@@ -258,6 +265,7 @@ class BroadcasterSession:
                         message.height,
                         message.method,
                         message.frames,
+                        message.latents,
                     )
                 elif isinstance(message, Result):
                     yield JobResult(
@@ -347,7 +355,8 @@ class BroadcasterSession:
         problem = self._check_params(quote, quote.ticket_params)
         if problem is not None:
             return problem
-        if quote.steps > p.num_inference_steps:
+        already_done = request.resume.step if request.resume else 0
+        if quote.steps > p.num_inference_steps - already_done:
             return ProtocolError(ErrorCode.INVALID_REQUEST, "quote charges more steps than asked")
         return None
 

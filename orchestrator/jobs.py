@@ -24,12 +24,14 @@ from PIL import Image
 from pipelines.dispatch import JobOutput, run_job
 from pipelines.loader import LoadedModel
 from pipelines.previews import noise_scales, render_preview
+from pipelines.resume import ResumePoint, latents_to_bytes, resume_scheduler_name
 from protocol.credit import JobCredit
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
     AwaitingPayment,
     Cancelled,
     JobRequest,
+    Latents,
     Message,
     Preview,
     Progress,
@@ -73,8 +75,11 @@ class RunningJob:
         seed: int,
         send: Callable[[Message], Awaitable[None]],
         payment_timeout: float,
+        resume: ResumePoint | None = None,
     ) -> None:
         self.request = request
+        self.resume = resume
+        """Where the job starts when it continues one begun elsewhere; steps count from there."""
         self.model = model
         self.ledger = ledger
         self.seed = seed
@@ -169,7 +174,7 @@ class RunningJob:
     # ---------------------------------------- called from the worker thread
 
     def _run_blocking(self) -> JobOutput:
-        return run_job(self.model, self.request.params, self, self.seed)
+        return run_job(self.model, self.request.params, self, self.seed, resume=self.resume)
 
     def _emit(self, message: Message) -> None:
         try:
@@ -240,6 +245,7 @@ class RunningJob:
                     height=shown.height,
                     method=None if shown.method == req.preview_method else shown.method,
                     frames=shown.frames,
+                    latents=self._latents(latents) if req.want_latents else None,
                 )
             )
         self._emit(
@@ -250,6 +256,14 @@ class RunningJob:
                 covered_steps=self.ledger.covered_steps,
             )
         )
+
+    def _latents(self, latents: torch.Tensor) -> Latents | None:
+        """The state a preview carries when asked, so another orchestrator can resume."""
+        scheduler = resume_scheduler_name(self.model.pipe)
+        if not scheduler:
+            return None
+        dtype, shape, data = latents_to_bytes(latents)
+        return Latents(scheduler=scheduler, dtype=dtype, shape=shape, data=data)
 
 
 def _png(image: Image.Image) -> bytes:

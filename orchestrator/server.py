@@ -36,6 +36,7 @@ from pipelines.dispatch import executed_steps, supports
 from pipelines.errors import InvalidRequest, ModelNotFound
 from pipelines.loader import LoadedModel, load_model
 from pipelines.requests import OutputShape, output_shape
+from pipelines.resume import ResumePoint, latents_from_bytes, resume_scheduler_name
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection
 from protocol.credit import JobCredit, ticket_odds
@@ -54,6 +55,7 @@ from protocol.messages import (
     Preview,
     Progress,
     Role,
+    TextToImageParams,
     TicketParams,
     error_message,
 )
@@ -126,6 +128,7 @@ class ModelSlot:
             capacity=self.entry.capacity,
             in_use=self.in_use,
             price_per_pixel_step=self.entry.price_per_pixel_step,
+            resume_scheduler=resume_scheduler_name(self.model.pipe) if self.model else "",
         )
 
 
@@ -145,6 +148,9 @@ class Stats:
 
 
 class Orchestrator:
+    job_class: type[RunningJob] = RunningJob
+    """What runs an admitted job; orchestrator/testing.py swaps in one that injects faults."""
+
     def __init__(self, config: OrchestratorConfig) -> None:
         self.config = config
         self.address = address_of(config.private_key)
@@ -291,6 +297,7 @@ class Orchestrator:
         current_job_id.set(req.job_id)
         try:
             slot, model, shape = await self._check(req)
+            resume = self._resume_point(req, model)
         except ProtocolError as err:
             self.stats.jobs_refused += 1
             self.metrics.jobs.labels(req.pipeline, req.model_id, f"refused:{err.code.value}").inc()
@@ -298,7 +305,7 @@ class Orchestrator:
             await peer.send(error_message(err.code.value, err.message, req.job_id))
             return None
         params = req.params
-        steps = executed_steps(params, model)
+        steps = executed_steps(params, model) - (resume.step if resume else 0)
         pixels = shape.pixels_per_step
         price = slot.entry.price_per_pixel_step
         fee_per_step = job_fee(pixels, 1, price)
@@ -317,13 +324,14 @@ class Orchestrator:
             return None
         ticket_params = tickets.params
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        job = RunningJob(
+        job = self.job_class(
             req,
             model,
             JobCredit(fee_per_step, steps),
             seed,
             lambda m: self._send_job_message(peer, req, tickets, m),
             self.config.payment_timeout,
+            resume=resume,
         )
         slot.in_use += 1
         self.stats.jobs_accepted += 1
@@ -407,6 +415,39 @@ class Orchestrator:
                 ErrorCode.MODEL_UNAVAILABLE, f"{req.model_id} cannot run {req.pipeline}"
             )
         return slot, model, shape
+
+    def _resume_point(self, req: JobRequest, model: LoadedModel) -> ResumePoint | None:
+        """The job's starting latents when it resumes one begun elsewhere (spec 15)."""
+        if req.resume is None:
+            return None
+        latents, p = req.resume.latents, req.params
+        if not isinstance(p, TextToImageParams):
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST, f"only text-to-image jobs can resume, not {req.pipeline}"
+            )
+        scheduler = resume_scheduler_name(model.pipe)
+        if not scheduler or latents.scheduler != scheduler:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"cannot resume {latents.scheduler} latents here (resume scheduler: "
+                f"{scheduler or 'none'})",
+            )
+        if req.resume.step >= executed_steps(p, model):
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"resume step {req.resume.step} leaves no step of {p.num_inference_steps} to run",
+            )
+        shape = (p.num_images_per_prompt, 4, p.height // 8, p.width // 8)
+        if tuple(latents.shape) != shape:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"latents of shape {tuple(latents.shape)} do not fit the job's {shape}",
+            )
+        try:
+            tensor = latents_from_bytes(latents.dtype, tuple(latents.shape), latents.data)
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+        return ResumePoint(req.resume.step, tensor)
 
     async def _run(self, job: RunningJob, slot: ModelSlot) -> None:
         current_job_id.set(job.request.job_id)

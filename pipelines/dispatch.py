@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from pipelines.loader import LoadedModel
+    from pipelines.resume import ResumePoint
     from pipelines.text_to_image import StepHooks
 
 PIPELINES_BY_FAMILY: dict[str, frozenset[str]] = {
@@ -54,12 +55,23 @@ def executed_steps(params: JobParams, model: LoadedModel | None = None) -> int:
     raise TypeError(f"no pipeline takes {type(params).__name__}")
 
 
-def run_job(model: LoadedModel, params: JobParams, hooks: StepHooks, seed: int) -> JobOutput:
-    """Run the pipeline `params` is for; hooks gate every step (see StepHooks)."""
+def run_job(
+    model: LoadedModel,
+    params: JobParams,
+    hooks: StepHooks,
+    seed: int,
+    resume: ResumePoint | None = None,
+) -> JobOutput:
+    """Run the pipeline `params` is for; hooks gate every step (see StepHooks).
+
+    `resume` (text-to-image only) continues a job from latents made elsewhere.
+    """
     if not supports(model, params.PIPELINE):
         raise TypeError(f"{model.model_id} ({model.family}) does not run {params.PIPELINE}")
+    if resume is not None and not isinstance(params, TextToImageParams):
+        raise TypeError(f"{params.PIPELINE} jobs cannot resume")
     if isinstance(params, TextToImageParams):
-        return JobOutput(run_text_to_image(model, params, hooks, seed))
+        return JobOutput(run_text_to_image(model, params, hooks, seed, resume=resume))
     if isinstance(params, ImageToImageParams):
         return JobOutput(run_image_to_image(model, params, hooks, seed))
     if isinstance(params, ImageToVideoParams):

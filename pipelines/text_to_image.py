@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pipelines.errors import InvalidRequest
+from pipelines.resume import ResumePoint, resuming_scheduler
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -112,20 +113,29 @@ def job_pipeline(model: LoadedModel) -> Any:
 
 
 def run_text_to_image(
-    model: LoadedModel, params: TextToImageParams, hooks: StepHooks, seed: int
+    model: LoadedModel,
+    params: TextToImageParams,
+    hooks: StepHooks,
+    seed: int,
+    resume: ResumePoint | None = None,
 ) -> list[Image.Image]:
     """Generate params.num_images_per_prompt images of width x height, gated by `hooks`.
 
     Calls wait_for_step(1) before any work, then after step k on_step_end(k)
     and, unless k is the last step, wait_for_step(k + 1). Exceptions from the
     hooks propagate unchanged. Safe to call for several jobs on one model at once.
+    With `resume`, the run starts from its latents after its step of the full
+    schedule (pipelines/resume.py), and the hooks count only the steps this
+    call executes: hook step k is step resume.step + k of the schedule.
     """
     validate_text_to_image(params)
     pipe = job_pipeline(model)
+    start_latents = None
+    if resume is not None:
+        pipe.scheduler = resuming_scheduler(pipe.scheduler, resume.step)
+        start_latents = resume.latents.to(model.device, model.dtype)
 
-    def on_step_end(
-        _pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]
-    ) -> dict[str, Any]:
+    def on_step_end(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         step = i + 1
         hooks.on_step_end(step, callback_kwargs["latents"])
         # The pipeline knows its real step count (see executed_steps).
@@ -145,6 +155,7 @@ def run_text_to_image(
             num_inference_steps=params.num_inference_steps,
             num_images_per_prompt=params.num_images_per_prompt,
             generator=_generators(model.device, seed, params.num_images_per_prompt),
+            latents=start_latents,
             output_type="pil",
             callback_on_step_end=on_step_end,
             callback_on_step_end_tensor_inputs=["latents"],

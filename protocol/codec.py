@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.fields import Bin, Float, Int, Items, KeyedBy, Str, Wide
+from protocol.fields import Added, Bin, Float, Int, Items, KeyedBy, Str, Wide
 from protocol.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
 
 DEFAULT_MAX_FRAME_BYTES = 16 << 20
@@ -248,13 +248,20 @@ def _struct_codec(cls: type) -> tuple[Encoder, Decoder]:
     """Codec for a dataclass: a msgpack map of its fields."""
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = []
+    omit_default: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         enc, dec = _field_codec(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         fields.append((f.name, enc, dec, required))
+        if any(isinstance(m, Added) for m in getattr(hints[f.name], "__metadata__", ())):
+            omit_default[f.name] = f.default
 
     def encode(value: Any) -> dict[str, Any]:
-        return {name: enc(getattr(value, name), value) for name, enc, _dec, _req in fields}
+        return {
+            name: enc(getattr(value, name), value)
+            for name, enc, _dec, _req in fields
+            if name not in omit_default or getattr(value, name) != omit_default[name]
+        }
 
     def decode(value: Any, path: str) -> Any:
         if type(value) is not dict:

@@ -38,6 +38,8 @@ class ErrorCode(StrEnum):
     PAYMENT_TIMEOUT = "payment_timeout"
     PIPELINE_FAILED = "pipeline_failed"
     CANCELLED = "cancelled"
+    NO_ORCHESTRATOR = "no_orchestrator"
+    """Broadcaster side: no orchestrator could finish the job (spec 15.4)."""
     INTERNAL_ERROR = "internal_error"
 
 

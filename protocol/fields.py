@@ -71,6 +71,15 @@ class KeyedBy:
     other: type
 
 
+@dataclass(frozen=True)
+class Added:
+    """An optional field added by a minor revision (spec section 12).
+
+    Encoders leave it out of the frame while it holds its default, so a frame
+    that does not use the new feature is byte-identical to the older revision's.
+    """
+
+
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 

@@ -14,6 +14,7 @@ from typing import Annotated, ClassVar
 
 from protocol.fields import (
     U256,
+    Added,
     Address,
     Bin,
     Float,
@@ -36,6 +37,8 @@ MAX_PREVIEW_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 12 << 20
 MAX_FRAMES = 128
 """Most video frames a job may ask for and a result may carry."""
+MAX_LATENTS_BYTES = 4 << 20
+"""Latents of the largest job (4 Mpx: 4 x 512 x 512 float32 values) fit with room to spare."""
 
 
 class Role(StrEnum):
@@ -138,6 +141,28 @@ class Capability:
     in_use: UInt32
     price_per_pixel_step: Fraction
     """Wei per pixel-step (spec section 6)."""
+    resume_scheduler: Annotated[str, Str(0, 64), Added()] = ""
+    """The scheduler a job of this model can be resumed with (spec 15); empty: no resume."""
+
+
+@dataclass(frozen=True)
+class Latents:
+    """A job's denoising state after a step: what another orchestrator needs to resume it."""
+
+    scheduler: Name
+    """The scheduler's class name; a resume needs the same one."""
+    dtype: Name
+    """float32, float16 or bfloat16; data is little-endian."""
+    shape: Annotated[tuple[UInt32, ...], Items(1, 8)]
+    data: Annotated[bytes, Bin(1, MAX_LATENTS_BYTES)]
+
+
+@dataclass(frozen=True)
+class ResumeFrom:
+    """Continue a job whose first `step` steps ran elsewhere, from those steps' latents."""
+
+    step: Annotated[int, Int(1, 999)]
+    latents: Latents
 
 
 @dataclass(frozen=True)
@@ -214,6 +239,9 @@ class JobRequest(Message):
     preview_format: Name = "webp"
     preview_frame: Annotated[int, Int(0, MAX_FRAMES - 1)] | None = None
     """Video jobs: preview only this frame; nil previews every frame."""
+    want_latents: Annotated[bool, Added()] = False
+    """Ask previews to carry the latents, so the job can be resumed elsewhere (spec 15)."""
+    resume: Annotated[ResumeFrom | None, Added()] = None
 
 
 @dataclass(frozen=True)
@@ -295,6 +323,7 @@ class Preview(Message):
     """The method that made this preview, when it differs from the request's (a fallback)."""
     frames: UInt32 = 1
     """Video frames shown: 1, or all of them as an animation (webp) or a grid (jpeg)."""
+    latents: Annotated[Latents | None, Added()] = None
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
 
     gen = sub.add_parser("generate", help="run one text-to-image job and save the image")
-    gen.add_argument("--orchestrator", required=True, help="ws://host:port")
+    gen.add_argument(
+        "--orchestrator",
+        action="append",
+        default=[],
+        help="ws://host:port; repeat it or give a comma-separated list to fail over between them",
+    )
+    gen.add_argument("--orchestrators-file", type=Path, default=None, help="one URL per line")
+    gen.add_argument("--deadline", type=float, default=None, help="seconds the job may take")
+    gen.add_argument("--max-orchestrators", type=int, default=3, help="tries before giving up")
+    gen.add_argument(
+        "--metrics-db",
+        type=Path,
+        default=Path.home() / ".stepstream" / "metrics.sqlite3",
+        help="where measured orchestrator speeds are kept",
+    )
+    gen.add_argument("--selection", default="livepeer", choices=["livepeer", "speed", "cheap"])
     gen.add_argument("--model", required=True, help="model id, e.g. stepstream/tiny-sd")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default="")
@@ -111,8 +126,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="network",
-        choices=["network", "pipelines"],
-        help="network: overhead of the network; pipelines: per-step and preview costs",
+        choices=["network", "pipelines", "failover"],
+        help="network: overhead per job; pipelines: per-step and preview costs; "
+        "failover: recovery time and money lost per stall",
     )
     bench.add_argument("--frames", type=int, default=4, help="video frames (bench pipelines)")
     bench.add_argument("--repeats", type=int, default=5, help="previews timed per method")
@@ -120,6 +136,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--taesd-random-weights",
         action="store_true",
         help="time TAESD with its real architecture and random weights when none are on disk",
+    )
+    bench.add_argument("--stall-after", type=int, default=6, help="failover: step that stalls")
+    bench.add_argument("--stall-floor", type=float, default=1.0, help="failover: seconds")
+    bench.add_argument(
+        "--step-seconds", type=float, default=0.0, help="failover: extra seconds per step"
     )
     bench.add_argument("--runs", type=int, default=5)
     bench.add_argument("--steps", type=int, default=20)
@@ -159,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from stepstream.bench_pipelines import run_bench_pipelines
 
         return run_bench_pipelines(args)
+    if args.command == "bench" and args.what == "failover":
+        from stepstream.bench_failover import run_failover_bench
+
+        return run_failover_bench(args)
     if args.command == "bench":
         from stepstream.bench import run_bench
 

@@ -16,15 +16,19 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from broadcaster.discovery import Discovery, OrchestratorListError, parse_orchestrator_urls
 from broadcaster.events import (
     Accepted,
     JobError,
     JobResult,
+    OrchestratorChanged,
     PaymentSent,
     PreviewFrame,
     ProgressUpdate,
 )
-from broadcaster.session import BroadcasterSession, SessionError
+from broadcaster.failover import FailoverPolicy, JobRunner
+from broadcaster.metrics_store import MetricsStore
+from broadcaster.selection import PROFILES, SelectionConfig
 from protocol.errors import ErrorCode
 from protocol.messages import TextToImageParams
 from protocol.pm import address_of
@@ -86,34 +90,60 @@ async def run_generate(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"stepstream generate: {exc}", file=sys.stderr)
         return 2
+    try:
+        urls = parse_orchestrator_urls(args.orchestrator, args.orchestrators_file)
+    except OrchestratorListError as exc:
+        print(f"stepstream generate: {exc}", file=sys.stderr)
+        return 2
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
+    discovery = Discovery(urls, key)
+    await discovery.refresh()
+    for status in discovery.statuses:
+        if not status.reachable:
+            print(f"stepstream generate: {status.url} unreachable: {status.error}", file=sys.stderr)
+    metrics = MetricsStore(args.metrics_db)
     try:
-        async with BroadcasterSession(args.orchestrator, key, max_price=args.max_price) as session:
-            return await _run_job(session, params, args, out)
-    except SessionError as exc:
-        print(f"stepstream generate: {exc}", file=sys.stderr)
-        return 1
+        runner = JobRunner(
+            discovery,
+            key,
+            metrics=metrics,
+            selection=SelectionConfig(weights=PROFILES[args.selection]),
+            policy=FailoverPolicy(max_orchestrators=args.max_orchestrators),
+            max_price=args.max_price,
+        )
+        return await _run_job(runner, params, args, out)
+    finally:
+        metrics.close()
 
 
 async def _run_job(
-    session: BroadcasterSession, params: TextToImageParams, args: argparse.Namespace, out: Path
+    runner: JobRunner, params: TextToImageParams, args: argparse.Namespace, out: Path
 ) -> int:
     bar: tqdm | None = None
     postfix: dict[str, str] = {}
     try:
-        async for event in session.generate(
+        async for event in runner.generate(
             params,
             model_id=args.model,
             preview_every=args.preview_every,
             preview_method=args.preview_method,
+            deadline=args.deadline,
         ):
-            if isinstance(event, Accepted):
-                bar = tqdm(total=event.steps, unit="step", desc="generating", file=sys.stderr)
+            if isinstance(event, Accepted) and bar is None:
+                # Steps are counted over the whole schedule, across orchestrators.
+                bar = tqdm(total=args.steps, unit="step", desc="generating", file=sys.stderr)
             elif isinstance(event, ProgressUpdate) and bar is not None:
                 bar.update(event.step - bar.n)
                 postfix["steps/s"] = f"{event.steps_per_second:.1f}"
                 bar.set_postfix(postfix)
+            elif isinstance(event, OrchestratorChanged):
+                how = f"resumed at step {event.from_step}" if event.resumed else "restarted"
+                print(
+                    f"\nmoved from {event.old} to {event.new} ({event.reason}: {event.detail}); "
+                    f"{how}",
+                    file=sys.stderr,
+                )
             elif isinstance(event, PreviewFrame):
                 save_as_png(event.image, preview_path(out, event.step))
             elif isinstance(event, PaymentSent) and bar is not None:

@@ -34,7 +34,7 @@ import msgpack  # noqa: E402
 
 from protocol import codec  # noqa: E402
 from protocol.errors import ErrorCode, ProtocolError  # noqa: E402
-from protocol.fields import UINT32_MAX, UINT64_MAX, KeyedBy, Wide  # noqa: E402
+from protocol.fields import UINT32_MAX, UINT64_MAX, Added, KeyedBy, Wide  # noqa: E402
 from protocol.messages import (  # noqa: E402
     MESSAGE_TYPES,
     AwaitingPayment,
@@ -184,9 +184,7 @@ MESSAGES: list[tuple[str, Message]] = [
     ("progress", Progress(job_id=JOB_ID, step=3, total_steps=20, covered_steps=5)),
     (
         "progress_with_fresh_ticket_params",
-        Progress(
-            job_id=JOB_ID, step=8, total_steps=20, covered_steps=10, ticket_params=JOB_PARAMS
-        ),
+        Progress(job_id=JOB_ID, step=8, total_steps=20, covered_steps=10, ticket_params=JOB_PARAMS),
     ),
     (
         "awaiting_payment",
@@ -345,14 +343,23 @@ def from_json(data: Any, annotation: Any) -> Any:
 def struct_to_json(value: Any) -> dict[str, Any]:
     hints = typing.get_type_hints(type(value), include_extras=True)
     return {
-        f.name: to_json(getattr(value, f.name), hints[f.name]) for f in dataclasses.fields(value)
+        f.name: to_json(getattr(value, f.name), hints[f.name])
+        for f in dataclasses.fields(value)
+        if not (_added(hints[f.name]) and getattr(value, f.name) == f.default)
     }
+
+
+def _added(annotation: Any) -> bool:
+    """A minor-revision field: left out of frames (and vectors) while at its default."""
+    return any(isinstance(m, Added) for m in getattr(annotation, "__metadata__", ()))
 
 
 def struct_from_json(cls: type, data: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
+        if f.name not in data:  # a field added later, left at its default
+            continue
         keyed = next((r for r in _unwrap(hints[f.name])[1] if isinstance(r, KeyedBy)), None)
         if keyed is not None:
             chosen = dict(keyed.choices).get(kwargs[keyed.key], keyed.other)

@@ -1,0 +1,528 @@
+"""One job, one event stream, as many orchestrators as it takes (within a bound).
+
+`JobRunner.generate` selects an orchestrator (broadcaster/selection.py),
+runs the job there through a BroadcasterSession and watches it. The job
+moves when no progress arrives within k times the expected step interval
+(with a floor), when the projected finish passes the client's deadline and
+another orchestrator is measured to make it, on a disconnect, or on an
+error. Moving means: stop paying at once (payments are only ever made in
+answer to progress, so none follows), cancel there, suspend that
+orchestrator, and continue elsewhere, from the last delivered latents when
+the new orchestrator can resume (spec 15), else from the start. The client
+sees one stream with an OrchestratorChanged event at each move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+
+import anyio
+
+from broadcaster.discovery import Discovery
+from broadcaster.events import (
+    Accepted,
+    Event,
+    JobError,
+    JobResult,
+    OrchestratorChanged,
+    PaymentSent,
+    PreviewFrame,
+    ProgressUpdate,
+)
+from broadcaster.metrics_store import MetricsStore
+from broadcaster.rate import StepRate
+from broadcaster.selection import (
+    Candidate,
+    NoOrchestrator,
+    SelectionConfig,
+    candidates,
+    choose,
+    for_deadline,
+)
+from broadcaster.session import BroadcasterSession, SessionError
+from broadcaster.suspension import Suspensions
+from protocol.errors import ErrorCode
+from protocol.messages import Latents, ResumeFrom, TextToImageParams
+
+RETRYABLE_REFUSALS = frozenset({ErrorCode.NO_CAPACITY.value})
+"""Refusals that say 'not now' rather than 'something is wrong here': no suspension."""
+QUOTE_ERRORS = frozenset({ErrorCode.PRICE_TOO_HIGH.value, ErrorCode.INVALID_TICKET_PARAMS.value})
+
+
+@dataclass(frozen=True)
+class FailoverPolicy:
+    stall_factor: float = 4.0
+    """k: no progress within k expected step intervals is a stall."""
+    stall_floor: float = 1.0
+    """Seconds: never call a stall sooner than this (network jitter, previews)."""
+    first_step_timeout: float = 30.0
+    """Seconds from sending the job to its first progress, when nothing is measured."""
+    alone_timeout: float = 60.0
+    """Seconds without progress before giving up on an orchestrator when no other one
+    could take the job: waiting for a slow one beats failing the job."""
+    max_orchestrators: int = 3
+    """Tries per job, refusals included, before giving up."""
+    connect_timeout: float = 2.0
+    close_timeout: float = 1.0
+    resume: bool = True
+    """Ask for latents and continue from them where the next orchestrator can."""
+
+
+@dataclass
+class _Try:
+    """What one orchestrator did for the job: the record behind an OrchestratorChanged."""
+
+    url: str
+    model_id: str
+    offset: int
+    reason: str = ""
+    detail: str = ""
+    accepted: Accepted | None = None
+    delivered: int = 0
+    paid: Fraction = Fraction(0)
+    tickets: int = 0
+    result: JobResult | None = None
+    first_preview: float | None = None
+    rate: StepRate = field(default_factory=StepRate)
+    """From progress arrivals only: the wait for the first step is not a step's speed."""
+
+    @property
+    def step_fee(self) -> Fraction:
+        a = self.accepted
+        return a.fee / a.steps if a is not None and a.steps else Fraction(0)
+
+    def describe(self) -> str:
+        return f"{self.url} ({self.reason}: {self.detail})"
+
+
+class JobRunner:
+    """Runs jobs over the orchestrators `discovery` knows, failing over as needed."""
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        private_key: bytes,
+        *,
+        metrics: MetricsStore | None = None,
+        suspensions: Suspensions | None = None,
+        selection: SelectionConfig | None = None,
+        policy: FailoverPolicy | None = None,
+        max_price: Fraction | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.discovery = discovery
+        self.private_key = private_key
+        self.metrics = metrics or MetricsStore()
+        self.suspensions = suspensions or Suspensions()
+        self.selection = selection or SelectionConfig()
+        self.policy = policy or FailoverPolicy()
+        self.max_price = max_price
+        self.rng = rng or random.Random()
+
+    async def generate(
+        self,
+        params: TextToImageParams,
+        *,
+        model_id: str,
+        pipeline: str = "text-to-image",
+        preview_every: int = 1,
+        preview_method: str = "latent_rgb",
+        deadline: float | None = None,
+        job_id: str | None = None,
+    ) -> AsyncIterator[Event]:
+        """Run one job; the last event is a JobResult or a JobError naming every try."""
+        job_id = job_id or uuid.uuid4().hex
+        started = time.monotonic()
+        if not self.discovery.statuses:
+            await self.discovery.refresh()
+        if params.seed is None:
+            # Resuming and restarting elsewhere both need the same seed everywhere.
+            params = _with_seed(params, self.rng.randrange(2**32))
+        tries: list[_Try] = []
+        kept: tuple[int, Latents] | None = None
+        pixels = params.width * params.height * params.num_images_per_prompt
+        total = params.num_inference_steps
+        while len(tries) < self.policy.max_orchestrators:
+            offset = kept[0] if kept else 0
+            remaining = None if deadline is None else deadline - (time.monotonic() - started)
+            try:
+                chosen = self._select(
+                    pipeline, model_id, tries, pixels * (total - offset), remaining
+                )
+            except NoOrchestrator as exc:
+                yield JobError(job_id, _no_orchestrator_code(tries, exc), _give_up(tries, str(exc)))
+                return
+            resume = None
+            if (
+                kept
+                and self.policy.resume
+                and chosen.capability.resume_scheduler == kept[1].scheduler
+            ):
+                resume = ResumeFrom(step=kept[0], latents=kept[1])
+            offset = resume.step if resume else 0
+            if tries:
+                old = tries[-1]
+                yield OrchestratorChanged(
+                    job_id,
+                    old.url,
+                    chosen.url,
+                    old.reason,
+                    old.detail,
+                    resume is not None,
+                    offset,
+                    old.delivered,
+                    old.paid,
+                    old.step_fee,
+                    old.accepted.window_steps if old.accepted else preview_every,
+                )
+            attempt = _Try(chosen.url, model_id, offset)
+            tries.append(attempt)
+            async for event in self._run_try(
+                attempt,
+                chosen,
+                params,
+                can_move=lambda: self._has_alternative(pipeline, model_id, tries),
+                model_id=model_id,
+                pipeline=pipeline,
+                preview_every=preview_every,
+                preview_method=preview_method,
+                resume=resume,
+                job_id=job_id,
+                deadline_at=None if deadline is None else started + deadline,
+                pixels=pixels,
+            ):
+                if (
+                    isinstance(event, PreviewFrame)
+                    and event.latents is not None
+                    and (kept is None or event.step > kept[0])
+                ):
+                    kept = (event.step, event.latents)
+                if not isinstance(event, JobResult | JobError):
+                    yield event  # a try's own end is told by OrchestratorChanged or the last event
+            self._account(attempt, model_id)
+            if attempt.result is not None:
+                yield _job_result(job_id, tries, total, started)
+                return
+        yield JobError(
+            job_id,
+            ErrorCode.NO_ORCHESTRATOR.value,
+            _give_up(tries, f"gave up after {len(tries)} orchestrators"),
+        )
+
+    # ------------------------------------------------------------ selection
+
+    def _select(
+        self,
+        pipeline: str,
+        model_id: str,
+        tries: list[_Try],
+        pixel_steps: int,
+        remaining: float | None,
+    ) -> Candidate:
+        found = self._untried(pipeline, model_id, tries)
+        if not found:
+            _, why = candidates(
+                self.discovery.statuses,
+                pipeline=pipeline,
+                model_id=model_id,
+                max_price=self.max_price,
+                metrics=self.metrics,
+                suspensions=self.suspensions,
+                exclude={},
+                stakes={},
+            )
+            raise NoOrchestrator("no other orchestrator can take the job", why)
+        return choose(found, self.selection, self.rng, pixel_steps=pixel_steps, deadline=remaining)
+
+    def _has_alternative(self, pipeline: str, model_id: str, tries: list[_Try]) -> bool:
+        """Whether another orchestrator could take the job now (none tried yet for it)."""
+        return bool(self._untried(pipeline, model_id, tries))
+
+    def _untried(self, pipeline: str, model_id: str, tries: list[_Try]) -> list[Candidate]:
+        found, _ = candidates(
+            self.discovery.statuses,
+            pipeline=pipeline,
+            model_id=model_id,
+            max_price=self.max_price,
+            metrics=self.metrics,
+            suspensions=self.suspensions,
+            exclude={t.url: f"already tried: {t.reason}" for t in tries},
+            stakes=self.selection.stakes,
+        )
+        return found
+
+    # ------------------------------------------------------------ one try
+
+    def _stall_timeout(self, attempt: _Try, model_id: str, pixels: int) -> float:
+        """k expected step intervals (observed here, else measured before), at least the floor."""
+        p = self.policy
+        if attempt.delivered == 0:
+            first = self.metrics.get(attempt.url, model_id).first_step_seconds
+            return (
+                p.first_step_timeout
+                if first is None
+                else max(p.stall_floor, p.stall_factor * first)
+            )
+        observed = attempt.rate.steps_per_second
+        if observed > 0:
+            interval = 1.0 / observed
+        else:
+            speed = self.metrics.get(attempt.url, model_id).pixel_steps_per_second
+            interval = pixels / speed if speed else p.stall_floor
+        return max(p.stall_floor, p.stall_factor * interval)
+
+    async def _run_try(
+        self,
+        attempt: _Try,
+        chosen: Candidate,
+        params: TextToImageParams,
+        *,
+        can_move: Callable[[], bool],
+        model_id: str,
+        pipeline: str,
+        preview_every: int,
+        preview_method: str,
+        resume: ResumeFrom | None,
+        job_id: str,
+        deadline_at: float | None,
+        pixels: int,
+    ) -> AsyncIterator[Event]:
+        session = BroadcasterSession(
+            attempt.url,
+            self.private_key,
+            max_price=self.max_price,
+            open_timeout=self.policy.connect_timeout,
+            idle_timeout=math.inf,  # the stall timer below bounds every wait
+        )
+        try:
+            await session.__aenter__()
+        except SessionError as exc:
+            attempt.reason, attempt.detail = "unreachable", str(exc)
+            return
+        sent_at = time.monotonic()
+        events = session.generate(
+            params,
+            model_id=model_id,
+            pipeline=pipeline,
+            preview_every=preview_every,
+            preview_method=preview_method,
+            job_id=job_id,
+            want_latents=self.policy.resume,
+            resume=resume,
+        )
+        last_progress = sent_at
+        try:
+            while True:
+                timeout = self._stall_timeout(attempt, model_id, pixels)
+                if timeout < self.policy.alone_timeout and not can_move():
+                    timeout = self.policy.alone_timeout
+                wait = last_progress + timeout - time.monotonic()
+                event = None
+                with anyio.move_on_after(max(0.0, wait)):
+                    event = await events.__anext__()
+                if event is None:
+                    attempt.reason = "stall"
+                    at = attempt.offset + attempt.delivered
+                    attempt.detail = f"no progress for {timeout:.2f} s after step {at}"
+                    break
+                now = time.monotonic()
+                ended = self._observe(attempt, event, now, sent_at)
+                if isinstance(event, ProgressUpdate):
+                    last_progress = now
+                yield self._to_client(attempt, event, params.num_inference_steps)
+                if ended:
+                    break
+                if isinstance(event, ProgressUpdate) and deadline_at is not None:
+                    late = self._too_slow(
+                        attempt,
+                        event,
+                        now,
+                        deadline_at,
+                        chosen,
+                        pipeline,
+                        model_id,
+                        pixels,
+                        params.num_inference_steps,
+                    )
+                    if late:
+                        attempt.reason, attempt.detail = "too_slow", late
+                        break
+        except StopAsyncIteration:
+            attempt.reason = attempt.reason or "disconnect"
+        finally:
+            with contextlib.suppress(BaseException):
+                await events.aclose()
+            if attempt.result is None:
+                # Stop paying (no further progress is read) and cancel there.
+                with anyio.move_on_after(self.policy.close_timeout), contextlib.suppress(Exception):
+                    await session.cancel(job_id)
+            with anyio.move_on_after(self.policy.close_timeout), contextlib.suppress(Exception):
+                await session.aclose()
+
+    def _observe(self, attempt: _Try, event: Event, now: float, sent_at: float) -> bool:
+        """Update the try's record from one session event; True when the try has ended."""
+        if isinstance(event, Accepted):
+            attempt.accepted = event
+        elif isinstance(event, ProgressUpdate):
+            if attempt.delivered == 0:
+                self.metrics.record_first_step(attempt.url, attempt.model_id, now - sent_at)
+            attempt.delivered = event.step
+            attempt.rate.observe(now, event.step)
+        elif isinstance(event, PaymentSent):
+            attempt.paid, attempt.tickets = event.ev_paid, event.tickets_total
+        elif isinstance(event, PreviewFrame):
+            if attempt.first_preview is None:
+                attempt.first_preview = now - sent_at
+        elif isinstance(event, JobResult):
+            attempt.result = event
+            attempt.reason, attempt.detail = "completed", f"{event.steps} steps"
+            return True
+        elif isinstance(event, JobError):
+            attempt.reason, attempt.detail = _classify(event, attempt.accepted is not None)
+            return True
+        return False
+
+    def _too_slow(
+        self,
+        attempt: _Try,
+        event: ProgressUpdate,
+        now: float,
+        deadline_at: float,
+        chosen: Candidate,
+        pipeline: str,
+        model_id: str,
+        pixels: int,
+        total: int,
+    ) -> str | None:
+        """Why the job should move for its deadline, or None while it can still make it here."""
+        rate = attempt.rate.steps_per_second
+        left = event.total_steps - event.step
+        if rate <= 0 or left <= 0:
+            return None
+        projected = now + left / rate
+        if projected <= deadline_at:
+            return None
+        found, _ = candidates(
+            self.discovery.statuses,
+            pipeline=pipeline,
+            model_id=model_id,
+            max_price=self.max_price,
+            metrics=self.metrics,
+            suspensions=self.suspensions,
+            exclude={chosen.url: "running the job"},
+            stakes=self.selection.stakes,
+        )
+        if not for_deadline(found, pixels * left, deadline_at - now):
+            return None  # nobody else is measured to do better: finish here, late
+        return (
+            f"projected finish {projected - deadline_at:.2f} s past the deadline "
+            f"at {rate:.1f} steps/s with {left} steps left"
+        )
+
+    def _to_client(self, attempt: _Try, event: Event, total: int) -> Event:
+        """Steps of a resumed try count from its resume step; the client sees schedule steps."""
+        off = attempt.offset
+        if off == 0:
+            return event
+        if isinstance(event, ProgressUpdate):
+            return ProgressUpdate(
+                event.job_id,
+                event.step + off,
+                total,
+                event.steps_per_second,
+                event.pixel_steps_per_second,
+            )
+        if isinstance(event, PreviewFrame):
+            return PreviewFrame(
+                event.job_id,
+                event.step + off,
+                event.image,
+                event.format,
+                event.width,
+                event.height,
+                event.latents,
+            )
+        return event
+
+    def _account(self, attempt: _Try, model_id: str) -> None:
+        """Metrics and suspension for a finished try."""
+        a = attempt.accepted
+        pixels = a.pixels_per_step if a else 0
+        if attempt.rate.steps_per_second > 0 and attempt.delivered >= 2:
+            self.metrics.record_speed(attempt.url, model_id, attempt.rate.steps_per_second * pixels)
+        if attempt.reason == "completed":
+            self.metrics.record_outcome(attempt.url, model_id)
+            self.suspensions.clear(attempt.url)
+            return
+        retryable = (
+            attempt.reason == "refused" and attempt.detail.split(":")[0] in RETRYABLE_REFUSALS
+        )
+        if retryable:
+            return
+        self.metrics.record_outcome(
+            attempt.url,
+            model_id,
+            failed=True,
+            timed_out=attempt.reason in ("stall", "too_slow"),
+        )
+        self.suspensions.suspend(attempt.url, f"{attempt.reason}: {attempt.detail}")
+
+
+def _classify(error: JobError, accepted: bool) -> tuple[str, str]:
+    """(reason, detail) of a try that ended with an error."""
+    detail = f"{error.code}: {error.message}"
+    if not accepted and error.code not in QUOTE_ERRORS:
+        return "refused", detail
+    if error.code == ErrorCode.INTERNAL_ERROR.value and error.message.startswith(
+        "connection closed"
+    ):
+        return "disconnect", error.message
+    return "error", detail
+
+
+def _no_orchestrator_code(tries: list[_Try], exc: NoOrchestrator) -> str:
+    """price_too_high when price alone ruled out every orchestrator before any try."""
+    reasons = list(exc.reasons.values())
+    if not tries and reasons and all(r.startswith("price ") for r in reasons):
+        return ErrorCode.PRICE_TOO_HIGH.value
+    return ErrorCode.NO_ORCHESTRATOR.value
+
+
+def _give_up(tries: list[_Try], why: str) -> str:
+    if not tries:
+        return why
+    listed = "; ".join(f"{i}. {t.describe()}" for i, t in enumerate(tries, 1))
+    return f"{why}. Tries: {listed}"
+
+
+def _job_result(job_id: str, tries: list[_Try], total: int, started: float) -> JobResult:
+    """The job's result with money and steps summed over every orchestrator that worked on it."""
+    final = tries[-1].result
+    assert final is not None
+    earlier = tries[:-1]
+    first_previews = [t.first_preview for t in tries if t.first_preview is not None]
+    return JobResult(
+        job_id,
+        final.images,
+        tries[-1].offset + final.steps,
+        final.fee + sum((t.step_fee * t.delivered for t in earlier), Fraction(0)),
+        sum((t.paid for t in tries), Fraction(0)),
+        sum(t.tickets for t in tries),
+        time.monotonic() - started,
+        first_previews[0] if first_previews else None,
+        final.steps_per_second,
+        winners=final.winners,
+        frames=final.frames,
+        fps=final.fps,
+    )
+
+
+def _with_seed(params: TextToImageParams, seed: int) -> TextToImageParams:
+    return replace(params, seed=seed)

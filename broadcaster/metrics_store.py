@@ -1,0 +1,120 @@
+"""Observed speed and reliability per orchestrator and model, kept in SQLite across restarts.
+
+Speeds are pixel-steps per second measured from progress events (so jobs of
+different sizes compare), smoothed with an exponential moving average; time
+to first step is smoothed the same way. Failures and timeouts are counts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ALPHA = 0.3
+"""Weight of the newest sample in the moving averages."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS speed (
+    url TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    pixel_steps_per_second REAL,
+    first_step_seconds REAL,
+    jobs INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    timeouts INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL,
+    PRIMARY KEY (url, model_id)
+)
+"""
+
+
+@dataclass(frozen=True)
+class SpeedRecord:
+    url: str
+    model_id: str
+    pixel_steps_per_second: float | None
+    """None until a job there delivered two progress events."""
+    first_step_seconds: float | None
+    jobs: int
+    failures: int
+    timeouts: int
+
+    @property
+    def measured(self) -> bool:
+        return self.pixel_steps_per_second is not None and self.pixel_steps_per_second > 0
+
+    def seconds_for(self, pixel_steps: int) -> float | None:
+        """Projected seconds for a job of `pixel_steps`, start to finish; None if unmeasured."""
+        if not self.measured:
+            return None
+        assert self.pixel_steps_per_second is not None
+        return (self.first_step_seconds or 0.0) + pixel_steps / self.pixel_steps_per_second
+
+
+class MetricsStore:
+    """One SQLite file (or ":memory:"); every write is committed at once."""
+
+    def __init__(self, path: str | Path = ":memory:", alpha: float = DEFAULT_ALPHA) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path))
+        self._db.execute(_SCHEMA)
+        self._db.commit()
+        self.alpha = alpha
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, url: str, model_id: str) -> SpeedRecord:
+        row = self._db.execute(
+            "SELECT pixel_steps_per_second, first_step_seconds, jobs, failures, timeouts "
+            "FROM speed WHERE url = ? AND model_id = ?",
+            (url, model_id),
+        ).fetchone()
+        if row is None:
+            return SpeedRecord(url, model_id, None, None, 0, 0, 0)
+        return SpeedRecord(url, model_id, *row)
+
+    def _ensure(self, url: str, model_id: str) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO speed (url, model_id, updated) VALUES (?, ?, ?)",
+            (url, model_id, time.time()),
+        )
+
+    def _smooth(self, old: float | None, new: float) -> float:
+        return new if old is None else self.alpha * new + (1 - self.alpha) * old
+
+    def record_speed(self, url: str, model_id: str, pixel_steps_per_second: float) -> None:
+        if pixel_steps_per_second <= 0:
+            return
+        old = self.get(url, model_id).pixel_steps_per_second
+        self._ensure(url, model_id)
+        self._db.execute(
+            "UPDATE speed SET pixel_steps_per_second = ?, updated = ? "
+            "WHERE url = ? AND model_id = ?",
+            (self._smooth(old, pixel_steps_per_second), time.time(), url, model_id),
+        )
+        self._db.commit()
+
+    def record_first_step(self, url: str, model_id: str, seconds: float) -> None:
+        old = self.get(url, model_id).first_step_seconds
+        self._ensure(url, model_id)
+        self._db.execute(
+            "UPDATE speed SET first_step_seconds = ?, updated = ? WHERE url = ? AND model_id = ?",
+            (self._smooth(old, seconds), time.time(), url, model_id),
+        )
+        self._db.commit()
+
+    def record_outcome(
+        self, url: str, model_id: str, *, failed: bool = False, timed_out: bool = False
+    ) -> None:
+        """Count one job there; a timeout counts as a failure too."""
+        self._ensure(url, model_id)
+        self._db.execute(
+            "UPDATE speed SET jobs = jobs + 1, failures = failures + ?, timeouts = timeouts + ?, "
+            "updated = ? WHERE url = ? AND model_id = ?",
+            (int(failed or timed_out), int(timed_out), time.time(), url, model_id),
+        )
+        self._db.commit()

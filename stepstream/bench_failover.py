@@ -1,0 +1,139 @@
+"""`stepstream bench failover`: how long a stall costs, and how much money, over repeated runs.
+
+Each run starts two orchestrators on loopback in this process: one stalls
+after step `--stall-after` (orchestrator/testing.py), the other is healthy.
+The runner puts all stake on the staller, so every job starts there and
+must fail over. Per run it reports the time from the stall (the last
+progress the staller sent) to the first progress from the new orchestrator,
+as a multiple of the run's median step interval, and the EV paid to the
+staller beyond the steps it delivered, in windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import time
+from dataclasses import dataclass
+
+import anyio
+
+from broadcaster.discovery import Discovery
+from broadcaster.events import JobError, JobResult, OrchestratorChanged, ProgressUpdate
+from broadcaster.failover import FailoverPolicy, JobRunner
+from broadcaster.metrics_store import MetricsStore
+from broadcaster.selection import SelectionConfig, Weights
+from orchestrator.testing import FaultPlan, loopback_orchestrator
+from pipelines.loader import LoadedModel, load_model
+from protocol.messages import TextToImageParams
+
+
+@dataclass(frozen=True)
+class FailoverRun:
+    recovery_seconds: float
+    median_step_seconds: float
+    windows_paid_beyond_delivered: float
+    windows_paid_beyond_kept: float
+    resumed: bool
+
+    @property
+    def recovery_in_steps(self) -> float:
+        return self.recovery_seconds / self.median_step_seconds
+
+
+async def one_run(
+    model: LoadedModel, params: TextToImageParams, every: int, args: argparse.Namespace
+) -> FailoverRun:
+    plan = FaultPlan(stall_after=args.stall_after, step_seconds=args.step_seconds)
+    healthy = FaultPlan(step_seconds=args.step_seconds)
+    async with (
+        loopback_orchestrator(model, plan) as bad,
+        loopback_orchestrator(model, healthy) as good,
+    ):
+        key = secrets.token_bytes(32)
+        discovery = Discovery([bad.url, good.url], key)
+        await discovery.refresh()
+        metrics = MetricsStore()
+        for url in (bad.url, good.url):
+            metrics.record_speed(url, model.model_id, params.width * params.height * 10.0)
+        runner = JobRunner(
+            discovery,
+            key,
+            metrics=metrics,
+            selection=SelectionConfig(weights=Weights(1.0, 0.0, 0.0, 0.0), stakes={bad.url: 1}),
+            policy=FailoverPolicy(stall_floor=args.stall_floor),
+        )
+        arrivals: list[tuple[float, int]] = []
+        stall_at = recovered_at = None
+        change: OrchestratorChanged | None = None
+        result: JobResult | None = None
+        async for event in runner.generate(params, model_id=model.model_id, preview_every=every):
+            now = time.perf_counter()
+            if isinstance(event, ProgressUpdate):
+                if change is None:
+                    stall_at = now
+                elif recovered_at is None:
+                    recovered_at = now
+                arrivals.append((now, event.step))
+            elif isinstance(event, OrchestratorChanged):
+                change = event
+            elif isinstance(event, JobResult):
+                result = event
+            elif isinstance(event, JobError):
+                raise RuntimeError(f"bench job failed: {event.code}: {event.message}")
+    if change is None or result is None or stall_at is None or recovered_at is None:
+        raise RuntimeError("the bench job did not fail over and finish")
+    intervals = [
+        t1 - t0
+        for (t0, s0), (t1, s1) in zip(arrivals, arrivals[1:], strict=False)
+        if s1 == s0 + 1 and not t0 <= stall_at < t1
+    ]
+    window_fee = change.step_fee * change.window_steps
+    beyond_delivered = change.paid - change.delivered_steps * change.step_fee
+    beyond_kept = change.paid - change.from_step * change.step_fee
+    return FailoverRun(
+        recovered_at - stall_at,
+        statistics.median(intervals),
+        float(beyond_delivered / window_fee) if window_fee else 0.0,
+        float(beyond_kept / window_fee) if window_fee else 0.0,
+        change.resumed,
+    )
+
+
+async def bench_failover(
+    model: LoadedModel, params: TextToImageParams, runs: int, every: int, args: argparse.Namespace
+) -> list[FailoverRun]:
+    return [await one_run(model, params, every, args) for _ in range(runs)]
+
+
+def run_failover_bench(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    params = TextToImageParams(
+        prompt="a lighthouse at dusk",
+        width=args.size,
+        height=args.size,
+        num_inference_steps=args.steps,
+        seed=1,
+    )
+    runs = anyio.run(bench_failover, model, params, args.runs, args.preview_every, args)
+    rec = [r.recovery_seconds for r in runs]
+    steps = [r.recovery_in_steps for r in runs]
+    step_s = statistics.median(r.median_step_seconds for r in runs)
+    lost = [r.windows_paid_beyond_delivered for r in runs]
+    kept = [r.windows_paid_beyond_kept for r in runs]
+    print(
+        f"model {args.model}, {args.size}x{args.size}, {args.steps} steps, window "
+        f"{args.preview_every} steps, stall after step {args.stall_after}, stall floor "
+        f"{args.stall_floor:g} s, {args.runs} runs, device {model.device}\n"
+        f"  median step interval          {step_s * 1000:8.1f} ms\n"
+        f"  stall -> next progress        median {statistics.median(rec) * 1000:8.1f} ms, "
+        f"max {max(rec) * 1000:8.1f} ms\n"
+        f"  ... in step intervals         median {statistics.median(steps):8.1f}, "
+        f"max {max(steps):8.1f}\n"
+        f"  paid beyond delivered steps   median {statistics.median(lost):.2f} windows, "
+        f"max {max(lost):.2f}\n"
+        f"  paid beyond resumed-from step median {statistics.median(kept):.2f} windows, "
+        f"max {max(kept):.2f}   (resumed in {sum(r.resumed for r in runs)}/{len(runs)} runs)"
+    )
+    return 0
