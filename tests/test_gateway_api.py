@@ -155,7 +155,7 @@ async def test_validation_and_server_errors_share_one_shape(
 async def test_image_pipelines_parse_multipart_and_fail_cleanly(
     running: RunningOrchestrator, tmp_path: Path
 ) -> None:
-    """Until orchestrators offer them, the image pipelines end in the standard error shape."""
+    """Valid image jobs that no orchestrator offers end in the standard error shape."""
     async with (
         gateway_on_loopback([running.url], tmp_path) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
@@ -167,8 +167,9 @@ async def test_image_pipelines_parse_multipart_and_fail_cleanly(
             files=image,
         )
         assert "image-to-image" in assert_error_shape(response, 503, "unsupported_pipeline")
+        small = {"width": "32", "height": "32", "num_frames": "2"}
         response = await client.post(
-            "/image-to-video", data={"fps": "8", "motion_bucket_id": "100"}, files=image
+            "/image-to-video", data={**small, "fps": "8", "motion_bucket_id": "100"}, files=image
         )
         assert "image-to-video" in assert_error_shape(response, 503, "unsupported_pipeline")
 
@@ -192,7 +193,7 @@ def test_requests_take_ai_runner_defaults() -> None:
     )
     assert isinstance(i2v, ImageToVideoRequest)
     assert (i2v.width, i2v.height, i2v.fps, i2v.motion_bucket_id) == (1024, 576, 12, 127)
-    assert (i2v.noise_aug_strength, i2v.num_inference_steps) == (0.02, 25)
+    assert (i2v.noise_aug_strength, i2v.num_inference_steps, i2v.num_frames) == (0.02, 25, 25)
     assert i2v.seed is None and i2v.safety_check is False
     with pytest.raises(ApiError) as err:
         build_request("text-to-image", {"prompt": "x", "width": True}, None, from_form=False)

@@ -12,10 +12,20 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright
 
+from pipelines.loader import LoadedModel
+from pipelines.tiny import TINY_SD, TINY_SDXL
+from pipelines.tiny_svd import TINY_SVD
 from tests.conftest import RunningOrchestrator
 from tests.gateway_helpers import gateway_on_loopback
+from tests.test_image_pipelines import image_bytes
+from tests.test_network_pipelines import orchestrator_with_all
 
-pytestmark = pytest.mark.anyio
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.filterwarnings(
+        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+    ),
+]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -73,3 +83,57 @@ async def test_page_shows_previews_progress_cost_and_result(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "gateway-page.png")
     assert (ARTIFACTS / "gateway-page.png").stat().st_size > 10_000
+
+
+async def test_page_uploads_an_image_for_both_image_pipelines(
+    tiny_model: LoadedModel,
+    tiny_sdxl_model: LoadedModel,
+    tiny_svd_model: LoadedModel,
+    tmp_path: Path,
+) -> None:
+    upload = tmp_path / "input.png"
+    upload.write_bytes(image_bytes(48, 32))
+    models = {TINY_SD: tiny_model, TINY_SDXL: tiny_sdxl_model, TINY_SVD: tiny_svd_model}
+    async with (
+        orchestrator_with_all(models) as running,
+        gateway_on_loopback([running.url], tmp_path / "outputs") as gw,
+        async_playwright() as pw,
+    ):
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1200, "height": 820})
+            await page.goto(gw.url + "/")
+            # image-to-image: the output takes the uploaded image's size (48x32).
+            await page.select_option("#pipeline", "image-to-image")
+            assert await page.locator("#width").is_hidden()
+            await page.set_input_files("#image", str(upload))
+            await page.fill("#model_id", TINY_SDXL)
+            await page.fill("#strength", "0.5")
+            await page.fill("#steps", "8")
+            await page.fill("#preview_every", "2")
+            await page.click("#submit")
+            await page.wait_for_function(
+                "document.getElementById('result-media')?.naturalWidth === 48", timeout=60_000
+            )
+            assert await page.get_attribute("#preview", "data-steps") == "2,4"
+            assert await page.inner_text("#status") == "done"
+
+            # image-to-video: the MP4 plays in the page at width x height.
+            await page.select_option("#pipeline", "image-to-video")
+            assert await page.locator("#prompt").is_hidden()
+            await page.fill("#width", "64")
+            await page.fill("#height", "48")
+            await page.fill("#model_id", TINY_SVD)
+            await page.fill("#num_frames", "4")
+            await page.fill("#steps", "3")
+            await page.click("#submit")
+            await page.wait_for_function(
+                "document.getElementById('result-media')?.videoWidth === 64", timeout=60_000
+            )
+            assert await page.inner_text("#status") == "done"
+            shot = tmp_path / "gateway-page-video.png"
+            await page.screenshot(path=str(shot), full_page=True)
+        finally:
+            await browser.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "gateway-page-video.png")

@@ -34,13 +34,14 @@ from broadcaster.events import (
 from broadcaster.gateway.errors import ApiError, from_job_error
 from broadcaster.gateway.hub import JobStream, JsonEvent
 from broadcaster.gateway.metrics import GatewayMetrics
-from broadcaster.gateway.requests import GatewayRequest, TextToImageRequest
+from broadcaster.gateway.params import checked_params
+from broadcaster.gateway.requests import GatewayRequest
 from broadcaster.gateway.selection import Chosen, OrchestratorChoice
 from broadcaster.gateway.storage import Storage
 from broadcaster.gateway.video import encode_mp4
 from broadcaster.session import BroadcasterSession
 from protocol.errors import ErrorCode
-from protocol.messages import TextToImageParams
+from protocol.messages import JobParams
 from stepstream.logs import current_job_id
 
 log = logging.getLogger(__name__)
@@ -49,32 +50,11 @@ MAX_KEPT_JOBS = 1000
 HOLD_TIMEOUT = 30.0
 
 
-def protocol_params(request: GatewayRequest) -> TextToImageParams:
-    """The wire parameters of a request.
-
-    Only text-to-image exists on the wire today; image-to-image and
-    image-to-video map here once the protocol carries their parameters.
-    """
-    if isinstance(request, TextToImageRequest):
-        return TextToImageParams(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=request.width,
-            height=request.height,
-            guidance_scale=request.guidance_scale,
-            num_inference_steps=request.num_inference_steps,
-            seed=request.seed,
-            num_images_per_prompt=request.num_images_per_prompt,
-        )
-    raise ApiError(
-        501, "unsupported_pipeline", f"this gateway cannot send {request.pipeline} jobs yet"
-    )
-
-
 @dataclass
 class GatewayJob:
     job_id: str
     request: GatewayRequest
+    params: JobParams
     base_url: str
     stream: JobStream = field(default_factory=JobStream)
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -124,7 +104,8 @@ class JobManager:
     ) -> GatewayJob:
         if self._tg is None:
             raise ApiError(503, "internal_error", "the gateway is not running")
-        job = GatewayJob(uuid.uuid4().hex, request, base_url)
+        params = checked_params(request)  # a bad request is a 400 before any job exists
+        job = GatewayJob(uuid.uuid4().hex, request, params, base_url)
         self.jobs[job.job_id] = job
         while len(self.jobs) > MAX_KEPT_JOBS:
             oldest = next(iter(self.jobs.values()))
@@ -188,7 +169,6 @@ class JobManager:
 
     async def _run_on(self, job: GatewayJob, chosen: Chosen, labels: tuple[str, str]) -> str:
         req = job.request
-        params = protocol_params(req)
         job.orchestrator = chosen.url
         job.session = chosen.session
         info = chosen.session.info
@@ -206,7 +186,7 @@ class JobManager:
         ev_paid = 0.0
         seen_preview = False
         async for event in chosen.session.generate(
-            params,
+            job.params,
             model_id=chosen.capability.model_id,
             pipeline=req.pipeline,
             preview_every=req.preview_every,
@@ -264,11 +244,12 @@ class JobManager:
 
     def _store(self, req: GatewayRequest, result: JobResult) -> list[dict[str, Any]]:
         """Outputs to storage: a PNG per image, or one MP4 of all frames for video."""
-        if req.pipeline == "image-to-video":
-            frames = [Image.open(io.BytesIO(img.image)) for img in result.images]
-            key = self.storage.put(".mp4", encode_mp4(frames, req.fps))  # type: ignore[union-attr]
-            first = result.images[0]
-            return [{"key": key, "seed": first.seed, "nsfw": any(i.nsfw for i in result.images)}]
+        if result.frames:
+            frames = [Image.open(io.BytesIO(f.image)) for f in result.frames]
+            fps = result.fps or getattr(req, "fps", 6)
+            key = self.storage.put(".mp4", encode_mp4(frames, fps))
+            first = result.frames[0]
+            return [{"key": key, "seed": first.seed, "nsfw": any(f.nsfw for f in result.frames)}]
         out = []
         for img in result.images:
             data = img.image

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from broadcaster.gateway.requests import DEFAULT_PREVIEW_EVERY
+from broadcaster.gateway.requests import DEFAULT_NUM_FRAMES, DEFAULT_PREVIEW_EVERY
 
 _ERR = {"$ref": "#/components/schemas/HTTPError"}
 
@@ -24,7 +24,6 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "Not Found",
         413: "Request Entity Too Large",
         500: "Internal Server Error",
-        501: "Not Implemented",
         503: "Service Unavailable",
     }
     return {str(c): {"description": text[c], "content": _json(_ERR)} for c in codes}
@@ -77,7 +76,9 @@ SCHEMAS: dict[str, Any] = {
             **_COMMON,
             **_TEXT,
             "strength": _prop("number", "Degree of transformation (0 to 1).", 0.8),
-            "image_guidance_scale": _prop("number", "Pull towards the input image.", 1.5),
+            "image_guidance_scale": _prop(
+                "number", "Accepted for compatibility; not sent to orchestrators.", 1.5
+            ),
             "num_inference_steps": _prop("integer", "Denoising steps.", 100),
         },
     ),
@@ -92,6 +93,9 @@ SCHEMAS: dict[str, Any] = {
             "motion_bucket_id": _prop("integer", "Amount of motion.", 127),
             "noise_aug_strength": _prop("number", "Noise added to the input image.", 0.02),
             "num_inference_steps": _prop("integer", "Denoising steps.", 25),
+            "num_frames": _prop(
+                "integer", "stepstream: frames in the video.", DEFAULT_NUM_FRAMES, minimum=1
+            ),
         },
     ),
     "Media": _body(
@@ -137,7 +141,7 @@ def _livepeer(summary: str, body: dict[str, Any], op: str) -> dict[str, Any]:
                     "description": "Successful Response",
                     "content": _json({"$ref": "#/components/schemas/ImageResponse"}),
                 },
-                **_errors(400, 401, 413, 500, 501, 503),
+                **_errors(400, 401, 413, 500, 503),
             },
             "security": [{"HTTPBearer": []}],
         }

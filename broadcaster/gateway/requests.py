@@ -4,7 +4,8 @@ Field names and defaults are ai-runner's (runner/openapi.yaml): text-to-image
 is a JSON body, image-to-image and image-to-video are multipart forms with
 the image. Unknown fields are ignored, as FastAPI does there; a wrong type or
 a value out of range is an `invalid_request` error naming the field.
-`preview_every` is our extension: how often the job streams a preview.
+Our extensions: `preview_every` (how often the job streams a preview) and,
+for image-to-video, `num_frames` (ai-runner leaves it to the model).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from broadcaster.gateway.errors import ApiError, invalid
+from protocol.messages import MAX_FRAMES
 
 MAX_UPLOAD_BYTES = 12 << 20
 DEFAULT_PREVIEW_EVERY = 5
+DEFAULT_NUM_FRAMES = 25
+"""ai-runner sends no frame count: SVD-XT, its default model, makes 25 frames."""
 
 PIPELINES = ("text-to-image", "image-to-image", "image-to-video")
 
@@ -83,6 +87,7 @@ class ImageToVideoRequest:
     safety_check: bool = True
     seed: int | None = None
     num_inference_steps: int = 25
+    num_frames: int = DEFAULT_NUM_FRAMES
     preview_every: int = DEFAULT_PREVIEW_EVERY
 
     pipeline = "image-to-video"
@@ -138,6 +143,7 @@ _SPECS: dict[str, dict[str, _Spec]] = {
         "safety_check": _COMMON["safety_check"],
         "seed": _COMMON["seed"],
         "num_inference_steps": _Spec(int, 1, 1000),
+        "num_frames": _Spec(int, 1, MAX_FRAMES),
         "preview_every": _COMMON["preview_every"],
     },
 }
