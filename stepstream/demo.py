@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import select
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +33,7 @@ from stepstream.chain import SenderInfo, TicketBrokerClient, fund_account, http_
 from stepstream.demo_gateway import demo_gateway
 from stepstream.generate import image_path, preview_path
 from stepstream.keys import write_new_key
+from stepstream.processes import stepstream_process
 from stepstream.settlement import connect_chain
 
 STEPS, PREVIEW_EVERY, SIZE = 24, 4, 128
@@ -70,39 +69,15 @@ def orchestrator_process(
     key = out / "orchestrator.key"
     if not key.exists():
         write_new_key(key)
-    log_path = out / "orchestrator.log"
-    command = [
-        sys.executable, "-m", "stepstream.cli", "orchestrator", "--models", str(models),
-        "--key", str(key), "--host", "127.0.0.1", "--port", "0",
+    args = [
+        "orchestrator", "--models", str(models), "--key", str(key),
+        "--host", "127.0.0.1", "--port", "0",
         "--data-dir", str(out / "orchestrator-data"), *chain_flags,
     ]  # fmt: skip
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            yield _wait_for_url(proc, startup_timeout, log_path)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_for_url(proc: subprocess.Popen[str], timeout: float, log_path: Path) -> str:
-    """Read the child's stdout until its `listening on URL` line, within `timeout`."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while (remaining := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([proc.stdout], [], [], remaining)
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"orchestrator exited ({proc.wait()}); see {log_path}")
-        if line.startswith("listening on "):
-            return line.split()[-1]
-    raise RuntimeError(f"orchestrator did not start within {timeout:g} s; see {log_path}")
+    with stepstream_process(
+        args, "listening on ", out / "orchestrator.log", startup_timeout
+    ) as url:
+        yield url
 
 
 def save_strip(frames: list[Image.Image], path: Path) -> None:
@@ -168,7 +143,7 @@ async def run_demo_on_chain(out: Path, eth_url: str) -> int:
         redeemed = await anyio.to_thread.run_sync(wait_redeemed, b_chain, o_address, result.winners)
         o_gain = b_chain.balance(o_address) - o_balance
         save_and_summarise(out, image, frames, result, funds, broker, redeemed, o_gain)
-        await demo_gateway(out, url)
+        await demo_gateway(out, url, out / "broadcaster.key")
     return 0
 
 

@@ -8,9 +8,7 @@ terminal it stays up until Enter is pressed.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,37 +16,26 @@ from pathlib import Path
 import anyio
 import httpx
 
-from stepstream.keys import write_new_key
+from stepstream.processes import stepstream_process
 
 
 @contextmanager
-def gateway_process(out: Path, orchestrator_url: str, timeout: float = 60.0) -> Iterator[str]:
-    """Start `stepstream gateway` on 127.0.0.1 and a free port; yield its URL."""
-    write_new_key(out / "gateway.key")
-    log = (out / "gateway.log").open("w")
-    command = [sys.executable, "-m", "stepstream.cli", "gateway"]
-    command += ["--orchestrators", orchestrator_url, "--key", str(out / "gateway.key")]
-    command += ["--host", "127.0.0.1", "--port", "0", "--outputs", str(out / "gateway-outputs")]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        deadline = time.monotonic() + timeout
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("gateway listening on "):
-                yield line.split()[-1]
-                break
-            if time.monotonic() > deadline:
-                break
-        else:
-            raise RuntimeError(f"gateway exited early; see {out / 'gateway.log'}")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
+def gateway_process(
+    out: Path, orchestrator_url: str, key: Path, timeout: float = 60.0
+) -> Iterator[str]:
+    """Start `stepstream gateway` on 127.0.0.1 and a free port; yield its URL.
+
+    The gateway pays as a broadcaster does, so it takes a key whose sender
+    has deposit and reserve where the orchestrator settles on a chain.
+    """
+    args = ["gateway", "--orchestrators", orchestrator_url, "--key", str(key)]
+    args += ["--host", "127.0.0.1", "--port", "0", "--outputs", str(out / "gateway-outputs")]
+    with stepstream_process(args, "gateway listening on ", out / "gateway.log", timeout) as url:
+        yield url
 
 
-async def demo_gateway(out: Path, orchestrator_url: str) -> None:
-    with gateway_process(out, orchestrator_url) as url:
+async def demo_gateway(out: Path, orchestrator_url: str, key: Path) -> None:
+    with gateway_process(out, orchestrator_url, key) as url:
         print(f"\ngateway listening at {url}  (open it in a browser to run and watch a job)")
         body = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_inference_steps": 12}
         async with httpx.AsyncClient(timeout=120) as client:
