@@ -138,6 +138,8 @@ class Capability:
     in_use: UInt32
     price_per_pixel_step: Fraction
     """Wei per pixel-step (spec section 6)."""
+    load_seconds: Annotated[float, Float(0.0, 1e6)] | None = None
+    """Measured time the model took to load (warm models, or cold ones loaded before)."""
 
 
 @dataclass(frozen=True)
