@@ -41,6 +41,10 @@ class ModelEntry:
     warm: bool
     capacity: int
     price_per_pixel_step: Fraction
+    url: str | None = None
+    """An external runner serving this model (ws:// or wss://; http(s):// is read as ws(s)://)."""
+    token: str | None = None
+    """The bearer token that runner expects."""
 
 
 def _int_field(entry: dict[str, Any], name: str, default: int, where: str) -> int:
@@ -67,9 +71,10 @@ def parse_entry(entry: Any, where: str) -> ModelEntry | None:
     if pipeline not in SUPPORTED_PIPELINES:
         log.warning("%s: pipeline %r is not supported yet; entry skipped", label, pipeline)
         return None
-    if entry.get("url"):
-        log.warning("%s: external runners ('url'/'token') are not supported yet; skipped", label)
-        return None
+    url = runner_url(entry.get("url"), label)
+    token = entry.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ConfigError(f"{label}: 'token' must be a string")
     if entry.get("optimization_flags"):
         log.warning("%s: optimization_flags are not supported yet and are ignored", label)
     currency = str(entry.get("currency", "WEI")).upper()
@@ -87,7 +92,21 @@ def parse_entry(entry: Any, where: str) -> ModelEntry | None:
         price = price_from_ai_models(price_per_unit, pixels_per_unit, pipeline)
     except ValueError as exc:
         raise ConfigError(f"{label}: {exc}") from None
-    return ModelEntry(pipeline, model_id, warm, capacity, price)
+    return ModelEntry(pipeline, model_id, warm, capacity, price, url, token)
+
+
+def runner_url(value: Any, label: str) -> str | None:
+    """An external runner's WebSocket URL from an aiModels.json `url`, or None when absent."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{label}: 'url' must be a string")
+    for plain, ws in (("http://", "ws://"), ("https://", "wss://")):
+        if value.startswith(plain):
+            value = ws + value.removeprefix(plain)
+    if not value.startswith(("ws://", "wss://")):
+        raise ConfigError(f"{label}: 'url' must be ws://, wss://, http:// or https://")
+    return value
 
 
 def load_ai_models(path: Path) -> list[ModelEntry]:

@@ -1,7 +1,9 @@
 """One job on the orchestrator: a pipeline in a worker thread, gated by credit.
 
-The pipeline runs in a thread (diffusers is blocking); its step hooks are the
-only place the thread meets the event loop. `wait_for_step` blocks until the
+The pipeline runs in a runner process (orchestrator/runner_client.py grants
+its steps as credit arrives), or, for a model loaded in this process (tests),
+in a thread (diffusers is blocking) whose step hooks are the only place the
+thread meets the event loop. `wait_for_step` blocks until the
 job's credit covers the step (spec 7.2: no step without credit), and every
 message the thread emits goes through `send`, in order, on the loop.
 """
@@ -15,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.from_thread
@@ -40,6 +43,9 @@ from protocol.messages import (
     error_message,
 )
 from protocol.pricing import pixel_steps
+
+if TYPE_CHECKING:
+    from orchestrator.runner_client import RunnerClient
 
 PREVIEW_MAX_SIDE = 512
 PREVIEW_MAX_BYTES = 256 * 1024
@@ -70,11 +76,12 @@ class RunningJob:
     def __init__(
         self,
         request: JobRequest,
-        model: LoadedModel,
+        model: LoadedModel | None,
         ledger: JobCredit,
         seed: int,
         send: Callable[[Message], Awaitable[None]],
         payment_timeout: float,
+        runner: RunnerClient | None = None,
         resume: ResumePoint | None = None,
     ) -> None:
         self.request = request
@@ -85,9 +92,15 @@ class RunningJob:
         self.seed = seed
         self._send = send
         self.payment_timeout = payment_timeout
-        # An image-to-image job runs only the last steps of its schedule.
-        scales = noise_scales(model, request.params.num_inference_steps)
-        self._preview_scales = scales[max(0, len(scales) - 1 - ledger.total_steps) :]
+        self.runner = runner
+        """Where the job runs; None: in a thread of this process, on `model`."""
+        self._preview_scales: list[float] = []
+        if model is not None:
+            # An image-to-image job runs only the last steps of its schedule.
+            scales = noise_scales(model, request.params.num_inference_steps)
+            self._preview_scales = scales[max(0, len(scales) - 1 - ledger.total_steps) :]
+        self.changed = anyio.Event()
+        """Set (and replaced) when credit arrives or the job is stopped: wakes the grant pump."""
         self._cond = threading.Condition()
         self._stop: ProtocolError | None = None
         self.steps_at_stop: int | None = None
@@ -100,7 +113,9 @@ class RunningJob:
         with self._cond:
             self.ledger.add(ev)
             self._cond.notify_all()
-            return self.ledger.covered_steps
+            covered = self.ledger.covered_steps
+        self.wake()
+        return covered
 
     def stop(self, reason: ProtocolError) -> None:
         """End the job at its next step boundary (cancel, bad payment, disconnect)."""
@@ -109,11 +124,37 @@ class RunningJob:
                 self._stop = reason
                 self.steps_at_stop = self.ledger.executed
             self._cond.notify_all()
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake whoever waits on `changed` (loop side only)."""
+        changed, self.changed = self.changed, anyio.Event()
+        changed.set()
+
+    @property
+    def stop_reason(self) -> ProtocolError | None:
+        with self._cond:
+            return self._stop
+
+    def record_step(self, step: int) -> None:
+        """A runner began `step`: charge it; raises if it was not covered (a runner fault)."""
+        with self._cond:
+            self.ledger.execute(step)
+
+    async def forward(self, message: Message) -> None:
+        """Send a message a runner produced; a lost connection stops the job."""
+        try:
+            await self._send(message)
+        except Exception as exc:  # connection closed under us
+            self.stop(ProtocolError(ErrorCode.INTERNAL_ERROR, f"connection lost: {exc}"))
 
     async def run(self) -> JobOutcome:
         """Run to a terminal message: result, cancelled, or error."""
         try:
-            output = await anyio.to_thread.run_sync(self._run_blocking)
+            if self.runner is not None:
+                output = await self.runner.execute(self)
+            else:
+                output = await anyio.to_thread.run_sync(self._run_blocking)
         except JobStopped as stopped:
             return await self._end_stopped(stopped.reason)
         except Exception as exc:  # the pipeline itself failed
@@ -174,6 +215,7 @@ class RunningJob:
     # ---------------------------------------- called from the worker thread
 
     def _run_blocking(self) -> JobOutput:
+        assert self.model is not None
         return run_job(self.model, self.request.params, self, self.seed, resume=self.resume)
 
     def _emit(self, message: Message) -> None:
@@ -226,6 +268,7 @@ class RunningJob:
         total = self.ledger.total_steps
         if req.preview_method != "none" and (step % req.preview_every == 0 or step == total):
             scale = self._preview_scales[min(step, len(self._preview_scales) - 1)]
+            assert self.model is not None
             shown = render_preview(
                 self.model,
                 latents / scale,

@@ -65,7 +65,7 @@ class OrchestratorMetrics:
         )
         self.runner_restarts = Counter(
             "stepstream_orchestrator_runner_restarts",
-            "Runner processes restarted (declared; runners are in-process today)",
+            "Managed runner processes restarted after a crash or a failed health check",
             registry=r,
         )
 

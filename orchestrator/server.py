@@ -31,10 +31,12 @@ from orchestrator.jobs import JobOutcome, RunningJob
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.peer import Peer
 from orchestrator.redeemer import Redeemer
+from orchestrator.runner_client import RunnerClient
+from orchestrator.runner_pool import RunnerPool, RunnerSettings, default_runner_devices
 from orchestrator.winners import WinnerQueue
 from pipelines.dispatch import executed_steps, supports
 from pipelines.errors import InvalidRequest, ModelNotFound
-from pipelines.loader import LoadedModel, load_model
+from pipelines.loader import LoadedModel
 from pipelines.requests import OutputShape, output_shape
 from pipelines.resume import ResumePoint, latents_from_bytes, resume_scheduler_name
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
@@ -100,6 +102,8 @@ class OrchestratorConfig:
     ticket_validity_blocks: int = 40
     refresh_blocks: int = 10
     """Fresh ticket parameters go out when the job's expire within this many blocks."""
+    runners: RunnerSettings | None = None
+    """Managed runners; None: one per GPU, else one CPU slot (orchestrator/runner_pool.py)."""
 
 
 @dataclass
@@ -119,6 +123,7 @@ class ModelSlot:
     model: LoadedModel | None = None
     in_use: int = 0
     load_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    """`model` set: the model runs in this process (tests); else on a runner."""
 
     def capability(self) -> Capability:
         return Capability(
@@ -169,6 +174,8 @@ class Orchestrator:
         self.settlement = config.settlement or Settlement(config.current_block)
         self.winners = WinnerQueue(config.winners_db)
         self.redeemer = Redeemer(self.winners, self.settlement)
+        settings = config.runners or RunnerSettings(default_runner_devices())
+        self.runners = RunnerPool(config.models, settings, self.metrics.runner_restarts.inc)
 
     def describe_settlement(self) -> str:
         """What happens to tickets here; logged at start-up (spec 8.6)."""
@@ -194,13 +201,27 @@ class Orchestrator:
                 if on_loaded is not None:
                     on_loaded(slot.entry.model_id)
 
-    async def _ensure_loaded(self, slot: ModelSlot) -> LoadedModel:
-        async with slot.load_lock:
-            if slot.model is None:
-                log.info("loading model %s", slot.entry.model_id)
-                slot.model = await anyio.to_thread.run_sync(load_model, slot.entry.model_id)
-                log.info("loaded %s in %.2f s", slot.entry.model_id, slot.model.load_seconds)
+    async def _ensure_loaded(self, slot: ModelSlot) -> LoadedModel | RunnerClient:
+        """The model in this process if one was put there, else the runner holding it."""
+        if slot.model is not None:
             return slot.model
+        async with slot.load_lock:
+            model_id = slot.entry.model_id
+            if self.runners.state(model_id) is None:
+                log.info("loading model %s on a runner", model_id)
+            client, state = await self.runners.acquire(model_id)
+            log.info("%s ready on %s (loaded in %.2f s)", model_id, client.name, state.load_seconds)
+            return client
+
+    def _advertise(self, slot: ModelSlot) -> Capability:
+        """The slot's capability: warm when loaded here or on a live runner, with its load time."""
+        cap = slot.capability()
+        if slot.model is not None:
+            return dataclasses.replace(cap, load_seconds=slot.model.load_seconds)
+        state = self.runners.state(slot.entry.model_id)
+        if state is None:
+            return cap
+        return dataclasses.replace(cap, warm=True, load_seconds=state.load_seconds)
 
     @contextlib.asynccontextmanager
     async def serve(self, host: str, port: int) -> AsyncIterator[Server]:
@@ -210,7 +231,7 @@ class Orchestrator:
         run left pending.
         """
         log.info("%s", self.describe_settlement())
-        async with anyio.create_task_group() as tg:
+        async with self.runners.active(), anyio.create_task_group() as tg:
             tg.start_soon(self.redeemer.run)
             try:
                 async with serve(
@@ -284,7 +305,7 @@ class Orchestrator:
         )
         return Info(
             orchestrator=self._address_bytes,
-            capabilities=tuple(s.capability() for s in self.slots.values()),
+            capabilities=tuple(self._advertise(s) for s in self.slots.values()),
             ticket_params=params,
             max_frame_bytes=self.config.max_frame_bytes,
             agent="stepstream-orchestrator/0.1",
@@ -297,15 +318,18 @@ class Orchestrator:
         current_job_id.set(req.job_id)
         try:
             slot, model, shape = await self._check(req)
-            resume = self._resume_point(req, model)
+            runner = model if isinstance(model, RunnerClient) else None
+            local = None if isinstance(model, RunnerClient) else model
+            resume = self._resume_point(req, local)
+            params = req.params
+            steps = await runner.plan(req) if runner else executed_steps(params, local)
+            steps -= resume.step if resume else 0
         except ProtocolError as err:
             self.stats.jobs_refused += 1
             self.metrics.jobs.labels(req.pipeline, req.model_id, f"refused:{err.code.value}").inc()
             log.info("job %s refused: %s", req.job_id, err)
             await peer.send(error_message(err.code.value, err.message, req.job_id))
             return None
-        params = req.params
-        steps = executed_steps(params, model) - (resume.step if resume else 0)
         pixels = shape.pixels_per_step
         price = slot.entry.price_per_pixel_step
         fee_per_step = job_fee(pixels, 1, price)
@@ -326,11 +350,12 @@ class Orchestrator:
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         job = self.job_class(
             req,
-            model,
+            local,
             JobCredit(fee_per_step, steps),
             seed,
             lambda m: self._send_job_message(peer, req, tickets, m),
             self.config.payment_timeout,
+            runner,
             resume=resume,
         )
         slot.in_use += 1
@@ -372,7 +397,9 @@ class Orchestrator:
                 message = dataclasses.replace(message, ticket_params=tickets.params)
         await peer.send(message)
 
-    async def _check(self, req: JobRequest) -> tuple[ModelSlot, LoadedModel, OutputShape]:
+    async def _check(
+        self, req: JobRequest
+    ) -> tuple[ModelSlot, LoadedModel | RunnerClient, OutputShape]:
         slot = self.slots.get((req.pipeline, req.model_id))
         if slot is None:
             if not any(p == req.pipeline for p, _ in self.slots):
@@ -410,16 +437,25 @@ class Orchestrator:
             model = await self._ensure_loaded(slot)
         except ModelNotFound as exc:
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, str(exc)) from None
-        if not supports(model, req.pipeline):
+        if isinstance(model, LoadedModel) and not supports(model, req.pipeline):
             raise ProtocolError(
                 ErrorCode.MODEL_UNAVAILABLE, f"{req.model_id} cannot run {req.pipeline}"
             )
         return slot, model, shape
 
-    def _resume_point(self, req: JobRequest, model: LoadedModel) -> ResumePoint | None:
-        """The job's starting latents when it resumes one begun elsewhere (spec 15)."""
+    def _resume_point(self, req: JobRequest, model: LoadedModel | None) -> ResumePoint | None:
+        """The job's starting latents when it resumes one begun elsewhere (spec 15).
+
+        Only models loaded in this process can resume: the runner protocol
+        does not carry latents yet, so runner-hosted models advertise none.
+        """
         if req.resume is None:
             return None
+        if model is None:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"{req.model_id} runs on a runner here, which cannot resume",
+            )
         latents, p = req.resume.latents, req.params
         if not isinstance(p, TextToImageParams):
             raise ProtocolError(
@@ -453,7 +489,8 @@ class Orchestrator:
         current_job_id.set(job.request.job_id)
         started = time.monotonic()
         try:
-            outcome = await job.run()
+            async with self.runners.use(slot.entry.model_id):
+                outcome = await job.run()
         finally:
             slot.in_use -= 1
         self._observe(job.request, outcome, time.monotonic() - started)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from pipelines.devices import allocated_bytes, tensor_bytes
 from pipelines.errors import ModelNotFound
 from pipelines.tiny import TINY_SD, TINY_SDXL, build_tiny_sd, build_tiny_sdxl, quiet_diffusers
 from pipelines.tiny_svd import TINY_SVD, build_tiny_svd
@@ -50,6 +51,10 @@ class LoadedModel:
     device: str
     dtype: torch.dtype
     load_seconds: float
+    footprint_bytes: int = 0
+    """Memory the model holds on its device, measured at load (GPU allocator delta, else
+    its tensors' bytes)."""
+    offloaded: bool = False
 
 
 def default_device() -> str:
@@ -139,14 +144,20 @@ def _from_pretrained(source: str, dtype: torch.dtype, cache_dir: str | None) -> 
         )
 
 
-def load_model(model_id: str, device: str | None = None) -> LoadedModel:
+def load_model(model_id: str, device: str | None = None, offload: bool = False) -> LoadedModel:
     """Load `model_id` onto `device` (default: CUDA if available, else CPU).
+
+    fp16 on CUDA, fp32 on the CPU. `offload` (CUDA only) keeps the weights in
+    CPU memory and moves each submodule to the GPU as it runs
+    (diffusers' enable_sequential_cpu_offload): slow, but fits small cards.
 
     Raises ModelNotFound, naming every place searched, when no local copy
     exists. Errors from a copy that exists but is broken propagate as they are.
     """
     device = device or default_device()
     dtype = _dtype_for(device)
+    offload = offload and torch.device(device).type == "cuda"
+    before = allocated_bytes(device)
     start = time.perf_counter()
 
     if model_id in TINY_BUILDERS:
@@ -173,8 +184,13 @@ def load_model(model_id: str, device: str | None = None) -> LoadedModel:
                 raise ModelNotFound(model_id, searched)
             pipe = _from_pretrained(model_id, dtype, cache_dir)
 
-    pipe = pipe.to(device)
+    if offload:
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    after = allocated_bytes(device)
+    footprint = after - before if after is not None and before is not None else 0
     return LoadedModel(
         model_id=model_id,
         pipe=pipe,
@@ -182,4 +198,6 @@ def load_model(model_id: str, device: str | None = None) -> LoadedModel:
         device=device,
         dtype=dtype,
         load_seconds=time.perf_counter() - start,
+        footprint_bytes=footprint if after is not None else tensor_bytes(pipe),
+        offloaded=offload,
     )

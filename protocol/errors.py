@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     SENDER_INSUFFICIENT_FUNDS = "sender_insufficient_funds"
     PAYMENT_TIMEOUT = "payment_timeout"
     PIPELINE_FAILED = "pipeline_failed"
+    RUNNER_LOST = "runner_lost"
     CANCELLED = "cancelled"
     NO_ORCHESTRATOR = "no_orchestrator"
     """Broadcaster side: no orchestrator could finish the job (spec 15.4)."""

@@ -143,6 +143,8 @@ class Capability:
     """Wei per pixel-step (spec section 6)."""
     resume_scheduler: Annotated[str, Str(0, 64), Added()] = ""
     """The scheduler a job of this model can be resumed with (spec 15); empty: no resume."""
+    load_seconds: Annotated[Annotated[float, Float(0.0, 1e6)] | None, Added()] = None
+    """Measured time the model took to load (warm models, or cold ones loaded before)."""
 
 
 @dataclass(frozen=True)

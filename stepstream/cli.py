@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 
+from runner.args import add_runner_parser
 from stepstream.logs import configure_logging
 
 
@@ -61,6 +62,19 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="keep face value at least this many times a redemption's gas cost (default 100)",
+    )
+    orch.add_argument(
+        "--runners",
+        type=int,
+        default=None,
+        help="managed runner processes (default: one per GPU, else one on the CPU)",
+    )
+    orch.add_argument("--device", default=None, help="device of the managed runners: cpu, cuda:N")
+    orch.add_argument(
+        "--memory-budget", type=int, default=None, help="bytes each runner's models may use"
+    )
+    orch.add_argument(
+        "--offload", action="store_true", help="sequential CPU offload on small GPUs (slower)"
     )
 
     gen = sub.add_parser("generate", help="run one text-to-image job and save the image")
@@ -147,6 +161,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=64)
     bench.add_argument("--preview-every", type=int, default=4)
     bench.add_argument("--model", default="stepstream/tiny-sd")
+    add_runner_parser(sub)
     return parser
 
 
@@ -176,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from stepstream.run_orchestrator import run_deploy_broker
 
         return run_deploy_broker(args)
+    if args.command == "runner":
+        from runner.main import run_runner
+
+        return anyio.run(run_runner, args)
     if args.command == "bench" and args.what == "pipelines":
         from stepstream.bench_pipelines import run_bench_pipelines
 

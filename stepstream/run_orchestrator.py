@@ -11,7 +11,8 @@ import sys
 
 from tqdm import tqdm
 
-from orchestrator.config import ConfigError, load_ai_models
+from orchestrator.config import ConfigError, ModelEntry, load_ai_models
+from orchestrator.runner_pool import RunnerSettings, default_runner_devices
 from orchestrator.server import (
     DEFAULT_FACE_VALUE,
     DEFAULT_REDEEM_COST_MULTIPLIER,
@@ -43,8 +44,19 @@ async def run_orchestrator(args: argparse.Namespace) -> int:
         settlement=settlement,
         winners_db=args.data_dir / f"winners-{address_of(key)}.sqlite",
         redeem_cost_multiplier=DEFAULT_REDEEM_COST_MULTIPLIER if multiplier is None else multiplier,
+        runners=RunnerSettings(
+            default_runner_devices(args.runners, args.device), args.memory_budget, args.offload
+        ),
     )
     orch = Orchestrator(config)
+    # Runners outlive model loading and serving alike; leaving this stops them.
+    async with orch.runners.active():
+        return await _load_and_serve(orch, models, args)
+
+
+async def _load_and_serve(
+    orch: Orchestrator, models: list[ModelEntry], args: argparse.Namespace
+) -> int:
     log.info("recipient address %s", orch.address)
     pending = orch.winners.counts()["pending"]
     if pending:

@@ -48,7 +48,7 @@ def test_go_livepeer_entry_maps_price_per_pixel_to_pixel_steps(tmp_path: Path) -
     assert (b.warm, b.capacity) == (False, 1)
 
 
-def test_unsupported_entries_are_skipped_with_a_clear_warning(
+def test_unsupported_entries_are_skipped_and_external_runners_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = write(
@@ -62,10 +62,10 @@ def test_unsupported_entries_are_skipped_with_a_clear_warning(
     )
     with caplog.at_level(logging.WARNING):
         entries = load_ai_models(path)
-    assert [e.model_id for e in entries] == ["ok", "f"]
+    assert [e.model_id for e in entries] == ["ok", "ext", "f"]
+    assert (entries[1].url, entries[1].token) == ("ws://r", "t")
     text = caplog.text
     assert "'audio-to-text' is not supported yet" in text
-    assert "external runners ('url'/'token') are not supported yet" in text
     assert "optimization_flags are not supported yet" in text
 
 
@@ -82,6 +82,7 @@ def test_unsupported_entries_are_skipped_with_a_clear_warning(
         ([{"pipeline": "text-to-image", "model_id": "m", "price_per_unit": 1.5}], "whole number"),
         ([{"pipeline": "text-to-image", "model_id": "m", "pixels_per_unit": 0}], "pixels_per_unit"),
         ([{"pipeline": "audio-to-text", "model_id": "w"}], "no entry this orchestrator can serve"),
+        ([{"pipeline": "text-to-image", "model_id": "m", "url": "ftp://r"}], "'url' must be"),
     ],
 )
 def test_bad_files_get_a_message_naming_the_problem(

@@ -110,6 +110,7 @@ MESSAGES: list[tuple[str, Message]] = [
                     capacity=2,
                     in_use=0,
                     price_per_pixel_step=PRICE,
+                    load_seconds=2.5,
                 ),
                 Capability(
                     pipeline="text-to-image",

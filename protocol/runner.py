@@ -1,0 +1,282 @@
+"""The orchestrator-runner protocol (spec/RUNNER.md), sans-I/O: messages, codec, grants.
+
+A runner is the process that holds warm models and runs jobs; the
+orchestrator talks to it over one WebSocket, with frames built like the
+network's (a msgpack map with `v` and `type`) and the same field codecs. The
+one rule that matters for money is the grant: a runner runs step k of a job
+only once the orchestrator has granted steps 1..k (`StepGrant`), which the
+orchestrator does only as credit covers them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+import msgpack
+
+from protocol.codec import _struct_codec, _unpack
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.fields import Bin, Float, Items, JobId, ModelId, Name, Str, UInt32, UInt64
+from protocol.messages import MAX_FRAMES, MAX_IMAGE_BYTES, JobRequest, Preview
+
+RUNNER_PROTOCOL_VERSION = 1
+AUTH_HEADER = "Authorization"
+"""Handshake header carrying `Bearer <token>` (spec/RUNNER.md 2)."""
+Message = Any
+Code = Annotated[str, Str(1, 64)]
+Text = Annotated[str, Str(0, 1024)]
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A model loaded on a runner, with what loading it cost."""
+
+    model_id: ModelId
+    family: Name
+    pipelines: Annotated[tuple[Name, ...], Items(0, 16)]
+    load_seconds: Annotated[float, Float(0.0, 1e6)]
+    footprint_bytes: UInt64
+    """Memory the model holds on the runner's device, measured at load."""
+
+
+# ----------------------------------------------------- runner -> orchestrator
+
+
+@dataclass(frozen=True)
+class Ready:
+    """First frame from a runner: its device, memory pool, and the models it holds."""
+
+    TYPE: ClassVar[str] = "ready"
+    device: Name
+    memory_bytes: UInt64
+    """The pool models are placed in: GPU memory, or a CPU budget."""
+    models: Annotated[tuple[ModelState, ...], Items(0, 256)]
+    agent: Annotated[str, Str(0, 128)] = ""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    TYPE: ClassVar[str] = "loaded"
+    model: ModelState
+
+
+@dataclass(frozen=True)
+class Unloaded:
+    TYPE: ClassVar[str] = "unloaded"
+    model_id: ModelId
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    TYPE: ClassVar[str] = "load_failed"
+    model_id: ModelId
+    code: Code
+    message: Text
+
+
+@dataclass(frozen=True)
+class Planned:
+    """Steps the job will execute on this model (its scheduler decides), before acceptance."""
+
+    TYPE: ClassVar[str] = "planned"
+    job_id: JobId
+    steps: UInt32
+
+
+@dataclass(frozen=True)
+class Awaiting:
+    """The job is paused before `next_step`: it has not been granted."""
+
+    TYPE: ClassVar[str] = "awaiting"
+    job_id: JobId
+    next_step: UInt32
+
+
+@dataclass(frozen=True)
+class Begin:
+    """Step `step` starts now; it was granted."""
+
+    TYPE: ClassVar[str] = "begin"
+    job_id: JobId
+    step: UInt32
+
+
+@dataclass(frozen=True)
+class Done:
+    """Step `step` is complete (its preview, if any, was sent just before)."""
+
+    TYPE: ClassVar[str] = "done"
+    job_id: JobId
+    step: UInt32
+
+
+@dataclass(frozen=True)
+class RunnerPreview:
+    TYPE: ClassVar[str] = "preview"
+    preview: Preview
+
+
+@dataclass(frozen=True)
+class Output:
+    """The job's images (or video frames, in order) as PNG bytes."""
+
+    TYPE: ClassVar[str] = "output"
+    job_id: JobId
+    images: Annotated[tuple[Annotated[bytes, Bin(1, MAX_IMAGE_BYTES)], ...], Items(1, MAX_FRAMES)]
+    video: bool = False
+    fps: UInt32 = 0
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job (or its plan) ended on the runner: `code` is a protocol error code."""
+
+    TYPE: ClassVar[str] = "failed"
+    job_id: JobId
+    code: Code
+    message: Text
+
+
+# ----------------------------------------------------- orchestrator -> runner
+
+
+@dataclass(frozen=True)
+class Load:
+    TYPE: ClassVar[str] = "load"
+    model_id: ModelId
+
+
+@dataclass(frozen=True)
+class Unload:
+    TYPE: ClassVar[str] = "unload"
+    model_id: ModelId
+
+
+@dataclass(frozen=True)
+class Plan:
+    TYPE: ClassVar[str] = "plan"
+    request: JobRequest
+
+
+@dataclass(frozen=True)
+class Run:
+    """Start a job; steps 1..granted may run at once."""
+
+    TYPE: ClassVar[str] = "run"
+    request: JobRequest
+    seed: UInt32
+    granted: UInt32 = 0
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Steps 1..granted of the job may run; never lower than an earlier grant."""
+
+    TYPE: ClassVar[str] = "grant"
+    job_id: JobId
+    granted: UInt32
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the job before its next step, answering `failed` with this code."""
+
+    TYPE: ClassVar[str] = "stop"
+    job_id: JobId
+    code: Code
+    message: Text = ""
+
+
+FROM_RUNNER: dict[str, type] = {
+    c.TYPE: c
+    for c in (Ready, Loaded, Unloaded, LoadFailed, Planned, Awaiting, Begin, Done, RunnerPreview)
+}
+FROM_RUNNER.update({c.TYPE: c for c in (Output, Failed)})
+TO_RUNNER: dict[str, type] = {c.TYPE: c for c in (Load, Unload, Plan, Run, Grant, Stop)}
+
+
+def encode(message: Message) -> bytes:
+    """One runner-protocol frame."""
+    if not dataclasses.is_dataclass(message) or not hasattr(message, "TYPE"):
+        raise TypeError(f"not a runner message: {message!r}")
+    body = _struct_codec(type(message))[0](message)
+    frame = {"v": RUNNER_PROTOCOL_VERSION, "type": message.TYPE, **body}
+    return msgpack.packb(frame, use_bin_type=True)
+
+
+def decode(frame: bytes | str, types: dict[str, type]) -> Message:
+    """Parse a frame into one of `types` (FROM_RUNNER or TO_RUNNER), or raise ProtocolError."""
+    if not isinstance(frame, bytes):
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "runner frames are binary")
+    try:
+        raw = _unpack(frame)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, f"not one msgpack value: {exc}") from None
+    if type(raw) is not dict or raw.get("v") != RUNNER_PROTOCOL_VERSION:
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "expected a map with v = 1")
+    name = raw.get("type")
+    cls = types.get(name) if type(name) is str else None
+    if cls is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown runner message {name!r:.80}")
+    return _struct_codec(cls)[1](raw, name)
+
+
+@dataclass
+class StepGrant:
+    """Runner-side gate of one job: which steps were granted, and whether it must stop.
+
+    `admit(k)` is the runner's only way into step k: it answers True only
+    for the next step in order and only once it is granted.
+    """
+
+    granted: int = 0
+    started: int = 0
+    stop: Stop | None = None
+
+    def grant(self, upto: int) -> None:
+        if upto < self.granted:
+            raise ProtocolError(
+                ErrorCode.INVALID_FIELD, f"grant {upto} is below the earlier {self.granted}"
+            )
+        self.granted = upto
+
+    def may_start(self, step: int) -> bool:
+        return self.stop is None and step == self.started + 1 and step <= self.granted
+
+    def admit(self, step: int) -> bool:
+        """Record step `step` as started if it may start; False means wait (or stop)."""
+        if not self.may_start(step):
+            return False
+        self.started = step
+        return True
+
+
+__all__ = [
+    "AUTH_HEADER",
+    "FROM_RUNNER",
+    "RUNNER_PROTOCOL_VERSION",
+    "TO_RUNNER",
+    "Awaiting",
+    "Begin",
+    "Done",
+    "Failed",
+    "Grant",
+    "Load",
+    "LoadFailed",
+    "Loaded",
+    "ModelState",
+    "Output",
+    "Plan",
+    "Planned",
+    "Ready",
+    "Run",
+    "RunnerPreview",
+    "Stop",
+    "StepGrant",
+    "Unload",
+    "Unloaded",
+    "decode",
+    "encode",
+]

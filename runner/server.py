@@ -1,0 +1,227 @@
+"""The runner process's server: one WebSocket per orchestrator, models shared by all.
+
+Auth is a bearer token on the handshake (spec/RUNNER.md 2); a wrong or
+missing token gets HTTP 401 and no connection. Loading runs in a worker
+thread so that grants, stops and health pings keep flowing meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import anyio
+import anyio.abc
+import torch
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from pipelines.devices import device_memory_bytes
+from pipelines.dispatch import PIPELINES_BY_FAMILY, executed_steps, supports
+from pipelines.errors import ModelNotFound
+from pipelines.loader import LoadedModel, load_model
+from pipelines.requests import output_shape
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.runner import (
+    AUTH_HEADER,
+    TO_RUNNER,
+    Failed,
+    Grant,
+    Load,
+    Loaded,
+    LoadFailed,
+    Message,
+    ModelState,
+    Plan,
+    Planned,
+    Ready,
+    Run,
+    Stop,
+    Unload,
+    Unloaded,
+    decode,
+    encode,
+)
+from runner.job import RunnerJob
+
+log = logging.getLogger(__name__)
+AGENT = "stepstream-runner/0.1"
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass
+class RunnerConfig:
+    device: str
+    token: str = field(repr=False)
+    memory_budget: int | None = None
+    """Bytes models may use on the device; None: all of the GPU's (or system's) memory."""
+    offload: bool = False
+    """Sequential CPU offload (CUDA only), for cards too small for the model."""
+
+
+def model_state(model: LoadedModel) -> ModelState:
+    return ModelState(
+        model_id=model.model_id,
+        family=model.family,
+        pipelines=tuple(sorted(PIPELINES_BY_FAMILY.get(model.family, ()))),
+        load_seconds=model.load_seconds,
+        footprint_bytes=max(0, model.footprint_bytes),
+    )
+
+
+class RunnerServer:
+    """Holds the runner's models and serves orchestrators on one port."""
+
+    def __init__(self, config: RunnerConfig) -> None:
+        self.config = config
+        self.models: dict[str, LoadedModel] = {}
+        self._load_locks: dict[str, anyio.Lock] = {}
+
+    def memory_bytes(self) -> int:
+        return device_memory_bytes(self.config.device, self.config.memory_budget)
+
+    async def load(self, model_id: str) -> LoadedModel:
+        lock = self._load_locks.setdefault(model_id, anyio.Lock())
+        async with lock:
+            if model_id not in self.models:
+                log.info("loading %s on %s", model_id, self.config.device)
+                self.models[model_id] = await anyio.to_thread.run_sync(
+                    load_model, model_id, self.config.device, self.config.offload
+                )
+            return self.models[model_id]
+
+    def unload(self, model_id: str) -> None:
+        if self.models.pop(model_id, None) is not None:
+            gc.collect()
+            if torch.device(self.config.device).type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _authorize(self, connection: ServerConnection, request: Request) -> Response | None:
+        given = request.headers.get(AUTH_HEADER, "")
+        expected = f"Bearer {self.config.token}"
+        if hmac.compare_digest(given.encode(), expected.encode()):
+            return None
+        return connection.respond(HTTPStatus.UNAUTHORIZED, "runner token missing or wrong\n")
+
+    @contextlib.asynccontextmanager
+    async def serve(self, host: str, port: int) -> AsyncIterator[Server]:
+        async with serve(
+            self.handle,
+            host,
+            port,
+            max_size=2 * DEFAULT_MAX_FRAME_BYTES,
+            compression=None,
+            process_request=self._authorize,
+        ) as server:
+            yield server
+
+    async def handle(self, ws: ServerConnection) -> None:
+        jobs: dict[str, RunnerJob] = {}
+        lock = anyio.Lock()
+
+        async def send(message: Message) -> None:
+            async with lock:
+                await ws.send(encode(message))
+
+        ready = Ready(
+            device=self.config.device,
+            memory_bytes=self.memory_bytes(),
+            models=tuple(model_state(m) for m in self.models.values()),
+            agent=AGENT,
+        )
+        async with anyio.create_task_group() as tg:
+            try:
+                await send(ready)
+                async for frame in ws:
+                    try:
+                        message = decode(frame, TO_RUNNER)
+                    except ProtocolError as err:
+                        log.warning("closing orchestrator connection: %s", err)
+                        await ws.close(1002, err.message[:100])
+                        break
+                    self._dispatch(message, jobs, send, tg)
+            except ConnectionClosed:
+                pass
+            finally:
+                stop = Stop("", ErrorCode.INTERNAL_ERROR.value, "orchestrator connection closed")
+                for job in jobs.values():
+                    job.stop(stop)
+
+    def _dispatch(
+        self,
+        message: Message,
+        jobs: dict[str, RunnerJob],
+        send: Send,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        if isinstance(message, Load):
+            tg.start_soon(self._answer_load, message.model_id, send)
+        elif isinstance(message, Unload):
+            self.unload(message.model_id)
+            tg.start_soon(send, Unloaded(message.model_id))
+        elif isinstance(message, Plan):
+            tg.start_soon(self._answer_plan, message, send)
+        elif isinstance(message, Run):
+            tg.start_soon(self._run, message, jobs, send)
+        elif isinstance(message, Grant):
+            job = jobs.get(message.job_id)
+            if job is not None:
+                job.grant(message.granted)
+        elif isinstance(message, Stop):
+            job = jobs.get(message.job_id)
+            if job is not None:
+                job.stop(message)
+        else:
+            log.warning("ignoring %s from the orchestrator", type(message).__name__)
+
+    async def _answer_load(self, model_id: str, send: Send) -> None:
+        try:
+            model = await self.load(model_id)
+        except ModelNotFound as exc:
+            text = str(exc)[:1024]
+            reply: Message = LoadFailed(model_id, ErrorCode.MODEL_UNAVAILABLE.value, text)
+        except Exception as exc:  # a broken copy, out of memory: say so, stay up
+            text = f"cannot load: {type(exc).__name__}: {exc}"[:1024]
+            reply = LoadFailed(model_id, ErrorCode.MODEL_UNAVAILABLE.value, text)
+        else:
+            reply = Loaded(model_state(model))
+        await send(reply)
+
+    async def _answer_plan(self, plan: Plan, send: Send) -> None:
+        req = plan.request
+        model = self.models.get(req.model_id)
+        reply: Message
+        if model is None or not supports(model, req.pipeline):
+            why = "is not loaded" if model is None else f"cannot run {req.pipeline}"
+            reply = Failed(req.job_id, ErrorCode.MODEL_UNAVAILABLE.value, f"{req.model_id} {why}")
+        else:
+            try:
+                output_shape(req.params)
+                steps = await anyio.to_thread.run_sync(executed_steps, req.params, model)
+            except Exception as exc:
+                reply = Failed(req.job_id, ErrorCode.INVALID_REQUEST.value, str(exc)[:1024])
+            else:
+                reply = Planned(req.job_id, steps)
+        await send(reply)
+
+    async def _run(self, run: Run, jobs: dict[str, RunnerJob], send: Send) -> None:
+        req = run.request
+        model = self.models.get(req.model_id)
+        if model is None or req.job_id in jobs:
+            why = "is already running" if model is not None else f"{req.model_id} is not loaded"
+            code = ErrorCode.MODEL_UNAVAILABLE.value
+            await send(Failed(req.job_id, code, f"job {req.job_id} {why}"))
+            return
+        job = RunnerJob(run, model, send)
+        jobs[req.job_id] = job
+        try:
+            await job.run()
+        finally:
+            jobs.pop(req.job_id, None)
