@@ -16,6 +16,7 @@ Layouts follow go-livepeer (pm/ticket.go, eth/accounts.go, pm/recipient.go):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -56,8 +57,12 @@ def keccak(data: bytes) -> bytes:
     return _keccak.new(digest_bits=256, data=data).digest()
 
 
+@functools.lru_cache(maxsize=4096)
 def to_checksum_address(address: str | bytes) -> str:
-    """EIP-55 mixed-case form of an address given as 20 bytes or hex."""
+    """EIP-55 mixed-case form of an address given as 20 bytes or hex.
+
+    Cached: a peer's few addresses are converted for every ticket.
+    """
     raw = address.hex() if isinstance(address, bytes) else address.lower().removeprefix("0x")
     if len(raw) != 40:
         raise ValueError(f"an address is 20 bytes, got {len(raw) // 2}")
@@ -159,9 +164,14 @@ def address_of(private_key: bytes) -> str:
     return to_checksum_address(keccak(pub[1:])[-20:])
 
 
-def sign_ticket(ticket: Ticket, private_key: bytes) -> bytes:
-    """Sign the ticket hash with personal_sign; deterministic (RFC 6979) and low-S."""
-    raw = PrivateKey(private_key).sign_recoverable(_personal_hash(ticket.hash()), hasher=None)
+def sign_ticket(ticket: Ticket, private_key: bytes | PrivateKey) -> bytes:
+    """Sign the ticket hash with personal_sign; deterministic (RFC 6979) and low-S.
+
+    A coincurve PrivateKey may be passed instead of the 32 key bytes by a
+    signer that makes many tickets: building one costs as much as signing.
+    """
+    key = private_key if isinstance(private_key, PrivateKey) else PrivateKey(private_key)
+    raw = key.sign_recoverable(_personal_hash(ticket.hash()), hasher=None)
     r_s, recid = raw[:64], raw[64]
     # libsecp256k1 always emits low S; assert it so a library change cannot slip through.
     if int.from_bytes(r_s[32:], "big") > _HALF_N:  # pragma: no cover - defensive

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from coincurve import PrivateKey
+
 from protocol.messages import Payment, SignedTicket, TicketParams
 from protocol.pm import Ticket, address_of, sign_ticket
 from protocol.recipient import address_str
@@ -11,7 +13,7 @@ class TicketSender:
     """Signs tickets against issued parameters, never reusing a nonce for one rand."""
 
     def __init__(self, private_key: bytes) -> None:
-        self._key = private_key
+        self._key = PrivateKey(private_key)
         self.address = address_of(private_key)
         self.address_bytes = bytes.fromhex(self.address[2:])
         self._next_nonce: dict[bytes, int] = {}

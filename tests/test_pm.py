@@ -298,3 +298,13 @@ def test_spec_vectors_file_is_reproducible() -> None:
     gen = _load_generator()
     text = (SPEC_VECTORS / "tickets.json").read_text()
     assert gen.render(gen.build_vectors()) == text
+
+
+def test_sign_ticket_takes_a_prepared_key_with_identical_result() -> None:
+    from coincurve import PrivateKey
+
+    key = keccak(b"stepstream prepared key")
+    ticket = Ticket(
+        recipient="0x" + "11" * 20, sender=address_of(key), face_value=5, win_prob=7, sender_nonce=1
+    )
+    assert sign_ticket(ticket, PrivateKey(key)) == sign_ticket(ticket, key)
