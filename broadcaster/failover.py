@@ -10,6 +10,10 @@ answer to progress, so none follows), cancel there, suspend that
 orchestrator, and continue elsewhere, from the last delivered latents when
 the new orchestrator can resume (spec 15), else from the start. The client
 sees one stream with an OrchestratorChanged event at each move.
+
+Every pipeline fails over; only text-to-image resumes (the others restart),
+since only it can continue from latents. A `JobControl` lets the caller
+see where the job runs and cancel it from another task.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from broadcaster.events import (
     PreviewFrame,
     ProgressUpdate,
 )
+from broadcaster.job_control import JobControl
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.rate import StepRate
 from broadcaster.selection import (
@@ -48,8 +53,10 @@ from broadcaster.selection import (
 )
 from broadcaster.session import BroadcasterSession, SessionError
 from broadcaster.suspension import Suspensions
+from pipelines.errors import InvalidRequest
+from pipelines.requests import output_shape, planned_steps
 from protocol.errors import ErrorCode
-from protocol.messages import Latents, ResumeFrom, TextToImageParams
+from protocol.messages import JobParams, Latents, ResumeFrom, TextToImageParams
 
 RETRYABLE_REFUSALS = frozenset({ErrorCode.NO_CAPACITY.value})
 """Refusals that say 'not now' rather than 'something is wrong here': no suspension."""
@@ -128,18 +135,33 @@ class JobRunner:
 
     async def generate(
         self,
-        params: TextToImageParams,
+        params: JobParams,
         *,
         model_id: str,
-        pipeline: str = "text-to-image",
+        pipeline: str | None = None,
         preview_every: int = 1,
         preview_method: str = "latent_rgb",
+        preview_format: str = "webp",
+        preview_frame: int | None = None,
         deadline: float | None = None,
         job_id: str | None = None,
+        control: JobControl | None = None,
     ) -> AsyncIterator[Event]:
-        """Run one job; the last event is a JobResult or a JobError naming every try."""
+        """Run one job; the last event is a JobResult or a JobError naming every try.
+
+        The pipeline defaults to the one `params` is for. With `control`, the
+        caller can see where the job runs and cancel it (the job then ends with
+        a `cancelled` JobError, and no orchestrator is blamed).
+        """
         job_id = job_id or uuid.uuid4().hex
+        pipeline = pipeline or params.PIPELINE
+        control = control or JobControl()
         started = time.monotonic()
+        try:
+            pixels = output_shape(params).pixels_per_step
+        except InvalidRequest as exc:
+            yield JobError(job_id, ErrorCode.INVALID_REQUEST.value, str(exc))
+            return
         if not self.discovery.statuses:
             await self.discovery.refresh()
         if params.seed is None:
@@ -147,9 +169,11 @@ class JobRunner:
             params = _with_seed(params, self.rng.randrange(2**32))
         tries: list[_Try] = []
         kept: tuple[int, Latents] | None = None
-        pixels = params.width * params.height * params.num_images_per_prompt
-        total = params.num_inference_steps
+        total = planned_steps(params)
         while len(tries) < self.policy.max_orchestrators:
+            if control.cancel_requested:
+                yield _cancelled(job_id)
+                return
             offset = kept[0] if kept else 0
             remaining = None if deadline is None else deadline - (time.monotonic() - started)
             try:
@@ -191,12 +215,12 @@ class JobRunner:
                 can_move=lambda: self._has_alternative(pipeline, model_id, tries),
                 model_id=model_id,
                 pipeline=pipeline,
-                preview_every=preview_every,
-                preview_method=preview_method,
+                preview=(preview_every, preview_method, preview_format, preview_frame),
                 resume=resume,
                 job_id=job_id,
                 deadline_at=None if deadline is None else started + deadline,
                 pixels=pixels,
+                control=control,
             ):
                 if (
                     isinstance(event, PreviewFrame)
@@ -208,7 +232,10 @@ class JobRunner:
                     yield event  # a try's own end is told by OrchestratorChanged or the last event
             self._account(attempt, model_id)
             if attempt.result is not None:
-                yield _job_result(job_id, tries, total, started)
+                yield _job_result(job_id, tries, started)
+                return
+            if control.cancel_requested:
+                yield _cancelled(job_id)
                 return
         yield JobError(
             job_id,
@@ -282,17 +309,17 @@ class JobRunner:
         self,
         attempt: _Try,
         chosen: Candidate,
-        params: TextToImageParams,
+        params: JobParams,
         *,
         can_move: Callable[[], bool],
         model_id: str,
         pipeline: str,
-        preview_every: int,
-        preview_method: str,
+        preview: tuple[int, str, str, int | None],
         resume: ResumeFrom | None,
         job_id: str,
         deadline_at: float | None,
         pixels: int,
+        control: JobControl,
     ) -> AsyncIterator[Event]:
         session = BroadcasterSession(
             attempt.url,
@@ -307,14 +334,19 @@ class JobRunner:
             attempt.reason, attempt.detail = "unreachable", str(exc)
             return
         sent_at = time.monotonic()
+        control.started(job_id, attempt.url, session)
+        preview_every, preview_method, preview_format, preview_frame = preview
         events = session.generate(
             params,
             model_id=model_id,
             pipeline=pipeline,
             preview_every=preview_every,
             preview_method=preview_method,
+            preview_format=preview_format,
+            preview_frame=preview_frame,
             job_id=job_id,
-            want_latents=self.policy.resume,
+            # Only text-to-image continues from latents (spec 15); the rest restart.
+            want_latents=self.policy.resume and isinstance(params, TextToImageParams),
             resume=resume,
         )
         last_progress = sent_at
@@ -334,9 +366,13 @@ class JobRunner:
                     break
                 now = time.monotonic()
                 ended = self._observe(attempt, event, now, sent_at)
+                if isinstance(event, JobError) and control.cancel_requested:
+                    attempt.reason = "cancelled"
                 if isinstance(event, ProgressUpdate):
                     last_progress = now
-                yield self._to_client(attempt, event, params.num_inference_steps)
+                yield self._to_client(attempt, event)
+                if isinstance(event, Accepted):
+                    await control.accepted()
                 if ended:
                     break
                 if isinstance(event, ProgressUpdate) and deadline_at is not None:
@@ -349,7 +385,6 @@ class JobRunner:
                         pipeline,
                         model_id,
                         pixels,
-                        params.num_inference_steps,
                     )
                     if late:
                         attempt.reason, attempt.detail = "too_slow", late
@@ -357,6 +392,7 @@ class JobRunner:
         except StopAsyncIteration:
             attempt.reason = attempt.reason or "disconnect"
         finally:
+            control.ended()
             with contextlib.suppress(BaseException):
                 await events.aclose()
             if attempt.result is None:
@@ -399,7 +435,6 @@ class JobRunner:
         pipeline: str,
         model_id: str,
         pixels: int,
-        total: int,
     ) -> str | None:
         """Why the job should move for its deadline, or None while it can still make it here."""
         rate = attempt.rate.steps_per_second
@@ -426,7 +461,7 @@ class JobRunner:
             f"at {rate:.1f} steps/s with {left} steps left"
         )
 
-    def _to_client(self, attempt: _Try, event: Event, total: int) -> Event:
+    def _to_client(self, attempt: _Try, event: Event) -> Event:
         """Steps of a resumed try count from its resume step; the client sees schedule steps."""
         off = attempt.offset
         if off == 0:
@@ -435,7 +470,7 @@ class JobRunner:
             return ProgressUpdate(
                 event.job_id,
                 event.step + off,
-                total,
+                event.total_steps + off,
                 event.steps_per_second,
                 event.pixel_steps_per_second,
             )
@@ -461,6 +496,8 @@ class JobRunner:
             self.metrics.record_outcome(attempt.url, model_id)
             self.suspensions.clear(attempt.url)
             return
+        if attempt.reason == "cancelled":
+            return  # the client's choice, not the orchestrator's failure
         retryable = (
             attempt.reason == "refused" and attempt.detail.split(":")[0] in RETRYABLE_REFUSALS
         )
@@ -502,7 +539,7 @@ def _give_up(tries: list[_Try], why: str) -> str:
     return f"{why}. Tries: {listed}"
 
 
-def _job_result(job_id: str, tries: list[_Try], total: int, started: float) -> JobResult:
+def _job_result(job_id: str, tries: list[_Try], started: float) -> JobResult:
     """The job's result with money and steps summed over every orchestrator that worked on it."""
     final = tries[-1].result
     assert final is not None
@@ -524,5 +561,9 @@ def _job_result(job_id: str, tries: list[_Try], total: int, started: float) -> J
     )
 
 
-def _with_seed(params: TextToImageParams, seed: int) -> TextToImageParams:
-    return replace(params, seed=seed)
+def _with_seed(params: JobParams, seed: int) -> JobParams:
+    return replace(params, seed=seed)  # every pipeline's params have a seed
+
+
+def _cancelled(job_id: str) -> JobError:
+    return JobError(job_id, ErrorCode.CANCELLED.value, "the job was cancelled")
