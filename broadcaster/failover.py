@@ -10,6 +10,10 @@ answer to progress, so none follows), cancel there, suspend that
 orchestrator, and continue elsewhere, from the last delivered latents when
 the new orchestrator can resume (spec 15), else from the start. The client
 sees one stream with an OrchestratorChanged event at each move.
+
+Every pipeline fails over; only text-to-image resumes (the others restart),
+since only it can continue from latents. A `JobControl` lets the caller
+see where the job runs and cancel it from another task.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import anyio
@@ -36,8 +40,8 @@ from broadcaster.events import (
     PreviewFrame,
     ProgressUpdate,
 )
+from broadcaster.job_control import JobControl
 from broadcaster.metrics_store import MetricsStore
-from broadcaster.rate import StepRate
 from broadcaster.selection import (
     Candidate,
     NoOrchestrator,
@@ -48,12 +52,14 @@ from broadcaster.selection import (
 )
 from broadcaster.session import BroadcasterSession, SessionError
 from broadcaster.suspension import Suspensions
+from broadcaster.tries import Try, classify, give_up, job_result, no_orchestrator_code
+from pipelines.errors import InvalidRequest
+from pipelines.requests import output_shape, planned_steps
 from protocol.errors import ErrorCode
-from protocol.messages import Latents, ResumeFrom, TextToImageParams
+from protocol.messages import JobParams, Latents, ResumeFrom, TextToImageParams
 
 RETRYABLE_REFUSALS = frozenset({ErrorCode.NO_CAPACITY.value})
 """Refusals that say 'not now' rather than 'something is wrong here': no suspension."""
-QUOTE_ERRORS = frozenset({ErrorCode.PRICE_TOO_HIGH.value, ErrorCode.INVALID_TICKET_PARAMS.value})
 
 
 @dataclass(frozen=True)
@@ -73,33 +79,6 @@ class FailoverPolicy:
     close_timeout: float = 1.0
     resume: bool = True
     """Ask for latents and continue from them where the next orchestrator can."""
-
-
-@dataclass
-class _Try:
-    """What one orchestrator did for the job: the record behind an OrchestratorChanged."""
-
-    url: str
-    model_id: str
-    offset: int
-    reason: str = ""
-    detail: str = ""
-    accepted: Accepted | None = None
-    delivered: int = 0
-    paid: Fraction = Fraction(0)
-    tickets: int = 0
-    result: JobResult | None = None
-    first_preview: float | None = None
-    rate: StepRate = field(default_factory=StepRate)
-    """From progress arrivals only: the wait for the first step is not a step's speed."""
-
-    @property
-    def step_fee(self) -> Fraction:
-        a = self.accepted
-        return a.fee / a.steps if a is not None and a.steps else Fraction(0)
-
-    def describe(self) -> str:
-        return f"{self.url} ({self.reason}: {self.detail})"
 
 
 class JobRunner:
@@ -128,28 +107,45 @@ class JobRunner:
 
     async def generate(
         self,
-        params: TextToImageParams,
+        params: JobParams,
         *,
         model_id: str,
-        pipeline: str = "text-to-image",
+        pipeline: str | None = None,
         preview_every: int = 1,
         preview_method: str = "latent_rgb",
+        preview_format: str = "webp",
+        preview_frame: int | None = None,
         deadline: float | None = None,
         job_id: str | None = None,
+        control: JobControl | None = None,
     ) -> AsyncIterator[Event]:
-        """Run one job; the last event is a JobResult or a JobError naming every try."""
+        """Run one job; the last event is a JobResult or a JobError naming every try.
+
+        The pipeline defaults to the one `params` is for. With `control`, the
+        caller can see where the job runs and cancel it (the job then ends with
+        a `cancelled` JobError, and no orchestrator is blamed).
+        """
         job_id = job_id or uuid.uuid4().hex
+        pipeline = pipeline or params.PIPELINE
+        control = control or JobControl()
         started = time.monotonic()
+        try:
+            pixels = output_shape(params).pixels_per_step
+        except InvalidRequest as exc:
+            yield JobError(job_id, ErrorCode.INVALID_REQUEST.value, str(exc))
+            return
         if not self.discovery.statuses:
             await self.discovery.refresh()
         if params.seed is None:
             # Resuming and restarting elsewhere both need the same seed everywhere.
             params = _with_seed(params, self.rng.randrange(2**32))
-        tries: list[_Try] = []
+        tries: list[Try] = []
         kept: tuple[int, Latents] | None = None
-        pixels = params.width * params.height * params.num_images_per_prompt
-        total = params.num_inference_steps
+        total = planned_steps(params)
         while len(tries) < self.policy.max_orchestrators:
+            if control.cancel_requested:
+                yield _cancelled(job_id)
+                return
             offset = kept[0] if kept else 0
             remaining = None if deadline is None else deadline - (time.monotonic() - started)
             try:
@@ -157,7 +153,7 @@ class JobRunner:
                     pipeline, model_id, tries, pixels * (total - offset), remaining
                 )
             except NoOrchestrator as exc:
-                yield JobError(job_id, _no_orchestrator_code(tries, exc), _give_up(tries, str(exc)))
+                yield JobError(job_id, no_orchestrator_code(tries, exc), give_up(tries, str(exc)))
                 return
             resume = None
             if (
@@ -182,7 +178,7 @@ class JobRunner:
                     old.step_fee,
                     old.accepted.window_steps if old.accepted else preview_every,
                 )
-            attempt = _Try(chosen.url, model_id, offset)
+            attempt = Try(chosen.url, model_id, offset)
             tries.append(attempt)
             async for event in self._run_try(
                 attempt,
@@ -191,12 +187,12 @@ class JobRunner:
                 can_move=lambda: self._has_alternative(pipeline, model_id, tries),
                 model_id=model_id,
                 pipeline=pipeline,
-                preview_every=preview_every,
-                preview_method=preview_method,
+                preview=(preview_every, preview_method, preview_format, preview_frame),
                 resume=resume,
                 job_id=job_id,
                 deadline_at=None if deadline is None else started + deadline,
                 pixels=pixels,
+                control=control,
             ):
                 if (
                     isinstance(event, PreviewFrame)
@@ -208,12 +204,15 @@ class JobRunner:
                     yield event  # a try's own end is told by OrchestratorChanged or the last event
             self._account(attempt, model_id)
             if attempt.result is not None:
-                yield _job_result(job_id, tries, total, started)
+                yield job_result(job_id, tries, started)
+                return
+            if control.cancel_requested:
+                yield _cancelled(job_id)
                 return
         yield JobError(
             job_id,
             ErrorCode.NO_ORCHESTRATOR.value,
-            _give_up(tries, f"gave up after {len(tries)} orchestrators"),
+            give_up(tries, f"gave up after {len(tries)} orchestrators"),
         )
 
     # ------------------------------------------------------------ selection
@@ -222,7 +221,7 @@ class JobRunner:
         self,
         pipeline: str,
         model_id: str,
-        tries: list[_Try],
+        tries: list[Try],
         pixel_steps: int,
         remaining: float | None,
     ) -> Candidate:
@@ -241,11 +240,11 @@ class JobRunner:
             raise NoOrchestrator("no other orchestrator can take the job", why)
         return choose(found, self.selection, self.rng, pixel_steps=pixel_steps, deadline=remaining)
 
-    def _has_alternative(self, pipeline: str, model_id: str, tries: list[_Try]) -> bool:
+    def _has_alternative(self, pipeline: str, model_id: str, tries: list[Try]) -> bool:
         """Whether another orchestrator could take the job now (none tried yet for it)."""
         return bool(self._untried(pipeline, model_id, tries))
 
-    def _untried(self, pipeline: str, model_id: str, tries: list[_Try]) -> list[Candidate]:
+    def _untried(self, pipeline: str, model_id: str, tries: list[Try]) -> list[Candidate]:
         found, _ = candidates(
             self.discovery.statuses,
             pipeline=pipeline,
@@ -260,7 +259,7 @@ class JobRunner:
 
     # ------------------------------------------------------------ one try
 
-    def _stall_timeout(self, attempt: _Try, model_id: str, pixels: int) -> float:
+    def _stall_timeout(self, attempt: Try, model_id: str, pixels: int) -> float:
         """k expected step intervals (observed here, else measured before), at least the floor."""
         p = self.policy
         if attempt.delivered == 0:
@@ -280,19 +279,19 @@ class JobRunner:
 
     async def _run_try(
         self,
-        attempt: _Try,
+        attempt: Try,
         chosen: Candidate,
-        params: TextToImageParams,
+        params: JobParams,
         *,
         can_move: Callable[[], bool],
         model_id: str,
         pipeline: str,
-        preview_every: int,
-        preview_method: str,
+        preview: tuple[int, str, str, int | None],
         resume: ResumeFrom | None,
         job_id: str,
         deadline_at: float | None,
         pixels: int,
+        control: JobControl,
     ) -> AsyncIterator[Event]:
         session = BroadcasterSession(
             attempt.url,
@@ -307,14 +306,19 @@ class JobRunner:
             attempt.reason, attempt.detail = "unreachable", str(exc)
             return
         sent_at = time.monotonic()
+        control.started(job_id, attempt.url, session)
+        preview_every, preview_method, preview_format, preview_frame = preview
         events = session.generate(
             params,
             model_id=model_id,
             pipeline=pipeline,
             preview_every=preview_every,
             preview_method=preview_method,
+            preview_format=preview_format,
+            preview_frame=preview_frame,
             job_id=job_id,
-            want_latents=self.policy.resume,
+            # Only text-to-image continues from latents (spec 15); the rest restart.
+            want_latents=self.policy.resume and isinstance(params, TextToImageParams),
             resume=resume,
         )
         last_progress = sent_at
@@ -334,9 +338,13 @@ class JobRunner:
                     break
                 now = time.monotonic()
                 ended = self._observe(attempt, event, now, sent_at)
+                if isinstance(event, JobError) and control.cancel_requested:
+                    attempt.reason = "cancelled"
                 if isinstance(event, ProgressUpdate):
                     last_progress = now
-                yield self._to_client(attempt, event, params.num_inference_steps)
+                yield self._to_client(attempt, event)
+                if isinstance(event, Accepted):
+                    await control.accepted()
                 if ended:
                     break
                 if isinstance(event, ProgressUpdate) and deadline_at is not None:
@@ -349,7 +357,6 @@ class JobRunner:
                         pipeline,
                         model_id,
                         pixels,
-                        params.num_inference_steps,
                     )
                     if late:
                         attempt.reason, attempt.detail = "too_slow", late
@@ -357,6 +364,7 @@ class JobRunner:
         except StopAsyncIteration:
             attempt.reason = attempt.reason or "disconnect"
         finally:
+            control.ended()
             with contextlib.suppress(BaseException):
                 await events.aclose()
             if attempt.result is None:
@@ -366,7 +374,7 @@ class JobRunner:
             with anyio.move_on_after(self.policy.close_timeout), contextlib.suppress(Exception):
                 await session.aclose()
 
-    def _observe(self, attempt: _Try, event: Event, now: float, sent_at: float) -> bool:
+    def _observe(self, attempt: Try, event: Event, now: float, sent_at: float) -> bool:
         """Update the try's record from one session event; True when the try has ended."""
         if isinstance(event, Accepted):
             attempt.accepted = event
@@ -385,13 +393,13 @@ class JobRunner:
             attempt.reason, attempt.detail = "completed", f"{event.steps} steps"
             return True
         elif isinstance(event, JobError):
-            attempt.reason, attempt.detail = _classify(event, attempt.accepted is not None)
+            attempt.reason, attempt.detail = classify(event, attempt.accepted is not None)
             return True
         return False
 
     def _too_slow(
         self,
-        attempt: _Try,
+        attempt: Try,
         event: ProgressUpdate,
         now: float,
         deadline_at: float,
@@ -399,7 +407,6 @@ class JobRunner:
         pipeline: str,
         model_id: str,
         pixels: int,
-        total: int,
     ) -> str | None:
         """Why the job should move for its deadline, or None while it can still make it here."""
         rate = attempt.rate.steps_per_second
@@ -426,7 +433,7 @@ class JobRunner:
             f"at {rate:.1f} steps/s with {left} steps left"
         )
 
-    def _to_client(self, attempt: _Try, event: Event, total: int) -> Event:
+    def _to_client(self, attempt: Try, event: Event) -> Event:
         """Steps of a resumed try count from its resume step; the client sees schedule steps."""
         off = attempt.offset
         if off == 0:
@@ -435,7 +442,7 @@ class JobRunner:
             return ProgressUpdate(
                 event.job_id,
                 event.step + off,
-                total,
+                event.total_steps + off,
                 event.steps_per_second,
                 event.pixel_steps_per_second,
             )
@@ -451,7 +458,7 @@ class JobRunner:
             )
         return event
 
-    def _account(self, attempt: _Try, model_id: str) -> None:
+    def _account(self, attempt: Try, model_id: str) -> None:
         """Metrics and suspension for a finished try."""
         a = attempt.accepted
         pixels = a.pixels_per_step if a else 0
@@ -461,6 +468,8 @@ class JobRunner:
             self.metrics.record_outcome(attempt.url, model_id)
             self.suspensions.clear(attempt.url)
             return
+        if attempt.reason == "cancelled":
+            return  # the client's choice, not the orchestrator's failure
         retryable = (
             attempt.reason == "refused" and attempt.detail.split(":")[0] in RETRYABLE_REFUSALS
         )
@@ -475,54 +484,9 @@ class JobRunner:
         self.suspensions.suspend(attempt.url, f"{attempt.reason}: {attempt.detail}")
 
 
-def _classify(error: JobError, accepted: bool) -> tuple[str, str]:
-    """(reason, detail) of a try that ended with an error."""
-    detail = f"{error.code}: {error.message}"
-    if not accepted and error.code not in QUOTE_ERRORS:
-        return "refused", detail
-    if error.code == ErrorCode.INTERNAL_ERROR.value and error.message.startswith(
-        "connection closed"
-    ):
-        return "disconnect", error.message
-    return "error", detail
+def _with_seed(params: JobParams, seed: int) -> JobParams:
+    return replace(params, seed=seed)  # every pipeline's params have a seed
 
 
-def _no_orchestrator_code(tries: list[_Try], exc: NoOrchestrator) -> str:
-    """price_too_high when price alone ruled out every orchestrator before any try."""
-    reasons = list(exc.reasons.values())
-    if not tries and reasons and all(r.startswith("price ") for r in reasons):
-        return ErrorCode.PRICE_TOO_HIGH.value
-    return ErrorCode.NO_ORCHESTRATOR.value
-
-
-def _give_up(tries: list[_Try], why: str) -> str:
-    if not tries:
-        return why
-    listed = "; ".join(f"{i}. {t.describe()}" for i, t in enumerate(tries, 1))
-    return f"{why}. Tries: {listed}"
-
-
-def _job_result(job_id: str, tries: list[_Try], total: int, started: float) -> JobResult:
-    """The job's result with money and steps summed over every orchestrator that worked on it."""
-    final = tries[-1].result
-    assert final is not None
-    earlier = tries[:-1]
-    first_previews = [t.first_preview for t in tries if t.first_preview is not None]
-    return JobResult(
-        job_id,
-        final.images,
-        tries[-1].offset + final.steps,
-        final.fee + sum((t.step_fee * t.delivered for t in earlier), Fraction(0)),
-        sum((t.paid for t in tries), Fraction(0)),
-        sum(t.tickets for t in tries),
-        time.monotonic() - started,
-        first_previews[0] if first_previews else None,
-        final.steps_per_second,
-        winners=final.winners,
-        frames=final.frames,
-        fps=final.fps,
-    )
-
-
-def _with_seed(params: TextToImageParams, seed: int) -> TextToImageParams:
-    return replace(params, seed=seed)
+def _cancelled(job_id: str) -> JobError:
+    return JobError(job_id, ErrorCode.CANCELLED.value, "the job was cancelled")

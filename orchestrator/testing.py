@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
@@ -160,11 +160,15 @@ async def loopback_orchestrator(
     price: Fraction = Fraction(1),
     capacity: int = 2,
     warm: bool = True,
+    pipelines: Sequence[str] = ("text-to-image",),
     **config: Any,
 ) -> AsyncIterator[LoopbackOrchestrator]:
-    """An orchestrator serving `model` (already loaded) on 127.0.0.1, faults per `plan`."""
-    entry = ModelEntry("text-to-image", model.model_id, warm, capacity, price)
-    base = OrchestratorConfig(models=[entry], private_key=secrets.token_bytes(32))
+    """An orchestrator serving `model` (already loaded) on 127.0.0.1, faults per `plan`.
+
+    It offers the model for each of `pipelines` (text-to-image only by default).
+    """
+    entries = [ModelEntry(p, model.model_id, warm, capacity, price) for p in pipelines]
+    base = OrchestratorConfig(models=entries, private_key=secrets.token_bytes(32))
     orch = FaultyOrchestrator(replace(base, **config), plan or FaultPlan())
     if warm:
         for slot in orch.slots.values():

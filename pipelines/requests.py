@@ -29,6 +29,7 @@ __all__ = [
     "OutputShape",
     "decode_image",
     "output_shape",
+    "planned_steps",
 ]
 
 MAX_PIXELS_PER_IMAGE = 2048 * 2048
@@ -127,3 +128,16 @@ def output_shape(params: JobParams) -> OutputShape:
         raise InvalidRequest(f"no pipeline here takes {type(params).__name__}")
     _check_job_pixels(shape)
     return shape
+
+
+def planned_steps(params: JobParams) -> int:
+    """Steps the job asks to execute, before any scheduler is asked (torch-free).
+
+    The model's scheduler may run a few more (pipelines.dispatch.executed_steps);
+    the orchestrator's quote says the exact count. Image-to-image runs the tail of
+    the schedule that `strength` keeps, as diffusers' get_timesteps does.
+    """
+    n = params.num_inference_steps
+    if isinstance(params, ImageToImageParams):
+        return min(int(n * params.strength), n)
+    return n

@@ -124,7 +124,24 @@ def _build_parser() -> argparse.ArgumentParser:
 
     gw = sub.add_parser("gateway", help="serve the Livepeer AI API and live job streams to apps")
     gw.add_argument(
-        "--orchestrators", required=True, help="ws://host:port[,ws://host:port...], tried in order"
+        "--orchestrators",
+        "--orchestrator",
+        dest="orchestrator",
+        action="append",
+        default=[],
+        help="ws://host:port[,ws://host:port...]; repeat it or list several to fail over",
+    )
+    gw.add_argument("--orchestrators-file", type=Path, default=None, help="one URL per line")
+    gw.add_argument("--max-orchestrators", type=int, default=3, help="tries per job")
+    gw.add_argument("--selection", default="livepeer", choices=["livepeer", "speed", "cheap"])
+    gw.add_argument(
+        "--metrics-db",
+        type=Path,
+        default=Path(".stepstream") / "gateway-metrics.sqlite3",
+        help="where measured orchestrator speeds are kept (not in --outputs: that is served)",
+    )
+    gw.add_argument(
+        "--refresh-seconds", type=float, default=60.0, help="how often orchestrators are asked"
     )
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8937)
@@ -175,13 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return anyio.run(run_orchestrator, args)
     if args.command == "gateway":
-        from stepstream.run_gateway import orchestrator_urls, run_gateway
+        from stepstream.run_gateway import run_gateway
 
-        try:
-            args.orchestrators = orchestrator_urls(args.orchestrators)
-        except argparse.ArgumentTypeError as exc:
-            print(f"stepstream gateway: {exc}", file=sys.stderr)
-            return 2
         return anyio.run(run_gateway, args)
     if args.command == "generate":
         from stepstream.generate import run_generate

@@ -1,4 +1,9 @@
-"""`stepstream gateway`: the HTTP gateway for apps, in front of one or more orchestrators."""
+"""`stepstream gateway`: the HTTP gateway for apps, in front of one or more orchestrators.
+
+Jobs run through a JobRunner over the listed orchestrators, so apps get
+measured-speed selection, failover and resume; measured speeds are kept in
+SQLite (--metrics-db) across restarts.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +14,27 @@ from pathlib import Path
 
 import anyio
 
+from broadcaster.discovery import Discovery, OrchestratorListError, parse_orchestrator_urls
+from broadcaster.failover import FailoverPolicy, JobRunner
 from broadcaster.gateway.app import Gateway
-from broadcaster.gateway.selection import FirstAvailable
 from broadcaster.gateway.server import serving
 from broadcaster.gateway.storage import LocalFolderStorage
-from broadcaster.session import BroadcasterSession
+from broadcaster.metrics_store import MetricsStore
+from broadcaster.selection import PROFILES, SelectionConfig
 from stepstream.keys import KeyFileError, load_private_key
 
 log = logging.getLogger("stepstream.gateway")
 
 
-def orchestrator_urls(text: str) -> list[str]:
-    urls = [u.strip() for u in text.split(",") if u.strip()]
-    bad = [u for u in urls if not u.startswith(("ws://", "wss://"))]
-    if not urls or bad:
-        raise argparse.ArgumentTypeError(
-            f"expected ws://host:port[,ws://...], got {', '.join(bad) or 'nothing'}"
-        )
-    return urls
-
-
 async def run_gateway(args: argparse.Namespace) -> int:
     try:
         key = load_private_key(args.key)
-    except KeyFileError as exc:
+        urls = parse_orchestrator_urls(args.orchestrator, args.orchestrators_file)
+    except (KeyFileError, OrchestratorListError) as exc:
         print(f"stepstream gateway: {exc}", file=sys.stderr)
+        return 2
+    if args.max_orchestrators < 1:
+        print("stepstream gateway: --max-orchestrators must be at least 1", file=sys.stderr)
         return 2
     token = None
     if args.token_file is not None:
@@ -42,24 +43,37 @@ async def run_gateway(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"stepstream gateway: cannot read {args.token_file}: {exc}", file=sys.stderr)
             return 2
-
-    def open_session(url: str) -> BroadcasterSession:
-        return BroadcasterSession(url, key, max_price=args.max_price)
-
+    metrics = MetricsStore(args.metrics_db)
+    runner = JobRunner(
+        Discovery(urls, key),
+        key,
+        metrics=metrics,
+        selection=SelectionConfig(weights=PROFILES[args.selection]),
+        policy=FailoverPolicy(max_orchestrators=args.max_orchestrators),
+        max_price=args.max_price,
+    )
     gateway = Gateway(
-        FirstAvailable(args.orchestrators, open_session),
+        runner,
         LocalFolderStorage(Path(args.outputs)),
         token=token,
+        refresh_seconds=args.refresh_seconds,
     )
     try:
         async with serving(gateway, args.host, args.port) as url:
             # The demo and tests wait for this exact line.
             print(f"gateway listening on {url}", flush=True)
-            log.info("orchestrators %s, outputs in %s", ",".join(args.orchestrators), args.outputs)
+            log.info(
+                "orchestrators %s, outputs in %s, speeds in %s",
+                ",".join(urls),
+                args.outputs,
+                args.metrics_db,
+            )
             await anyio.sleep_forever()
     except OSError as exc:
         print(
             f"stepstream gateway: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr
         )
         return 2
+    finally:
+        metrics.close()
     return 0

@@ -12,12 +12,13 @@ from typing import Any
 
 import httpx
 
+from broadcaster.discovery import Discovery
+from broadcaster.failover import FailoverPolicy, JobRunner
 from broadcaster.gateway.app import Gateway
-from broadcaster.gateway.selection import FirstAvailable
 from broadcaster.gateway.server import serving
 from broadcaster.gateway.storage import LocalFolderStorage
-from broadcaster.session import BroadcasterSession
 from stepstream.logs import install_job_id_records
+from tests.failover_helpers import TEST_POLICY, runner_trying_first
 
 
 @dataclass
@@ -29,14 +30,26 @@ class RunningGateway:
 
 @contextlib.asynccontextmanager
 async def gateway_on_loopback(
-    orchestrators: Sequence[str], outputs: Path, token: str | None = None
+    orchestrators: Sequence[str],
+    outputs: Path,
+    token: str | None = None,
+    *,
+    first: str | None = None,
+    policy: FailoverPolicy = TEST_POLICY,
 ) -> AsyncIterator[RunningGateway]:
+    """A gateway whose runner selects among `orchestrators` (`first` first, when given)."""
     install_job_id_records()
-    key = secrets.token_bytes(32)
-    choice = FirstAvailable(orchestrators, lambda url: BroadcasterSession(url, key))
-    gateway = Gateway(choice, LocalFolderStorage(outputs), token=token)
+    if first is not None:
+        runner = await runner_trying_first(first, orchestrators, policy)
+    else:
+        runner = JobRunner(
+            Discovery(list(orchestrators), secrets.token_bytes(32)),
+            secrets.token_bytes(32),
+            policy=policy,
+        )
+    gateway = Gateway(runner, LocalFolderStorage(outputs), token=token)
     async with serving(gateway, "127.0.0.1", 0) as url:
-        yield RunningGateway(gateway, url, key)
+        yield RunningGateway(gateway, url, runner.private_key)
 
 
 async def sse_events(client: httpx.AsyncClient, url: str) -> AsyncIterator[dict[str, Any]]:

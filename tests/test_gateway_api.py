@@ -248,7 +248,12 @@ def test_gateway_command_refuses_bad_arguments(
     key = tmp_path / "gw.key"
     key.write_text("0x" + "11" * 32)
     assert main(["gateway", "--orchestrators", "http://127.0.0.1:1", "--key", str(key)]) == 2
-    assert "ws://host:port" in capsys.readouterr().err
+    assert "not a ws:// or wss:// URL" in capsys.readouterr().err
+    assert main(["gateway", "--key", str(key)]) == 2
+    assert "no orchestrator given" in capsys.readouterr().err
+    absent = str(tmp_path / "no-such-list.txt")
+    assert main(["gateway", "--orchestrators-file", absent, "--key", str(key)]) == 2
+    assert "no-such-list.txt" in capsys.readouterr().err
     missing = str(tmp_path / "none.key")
     assert main(["gateway", "--orchestrators", "ws://127.0.0.1:1", "--key", missing]) == 2
     assert "cannot read key file" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright
 
+from orchestrator.testing import FaultPlan, loopback_orchestrator
 from pipelines.loader import LoadedModel
 from pipelines.tiny import TINY_SD, TINY_SDXL
 from pipelines.tiny_svd import TINY_SVD
@@ -137,3 +138,37 @@ async def test_page_uploads_an_image_for_both_image_pipelines(
             await browser.close()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "gateway-page-video.png")
+
+
+async def test_page_shows_the_orchestrator_change_of_a_failover(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    """The orchestrator shown changes when the job moves, and the job still finishes."""
+    async with (
+        loopback_orchestrator(tiny_model, FaultPlan(close_after=4)) as bad,
+        loopback_orchestrator(tiny_model) as good,
+        gateway_on_loopback([bad.url, good.url], tmp_path / "outputs", first=bad.url) as gw,
+        async_playwright() as pw,
+    ):
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1200, "height": 820})
+            await page.goto(gw.url + "/")
+            await page.fill("#prompt", "a lighthouse in a storm")
+            for field, text in (("#width", "64"), ("#height", "64"), ("#steps", "8")):
+                await page.fill(field, text)
+            await page.fill("#preview_every", "2")
+            await page.click("#submit")
+            await page.locator("#result-media").wait_for(state="visible", timeout=60_000)
+            shown = page.locator("#orchestrator")
+            assert await shown.get_attribute("data-changes") == "2"  # selected, then moved
+            text = await shown.inner_text()
+            assert text.startswith(good.url)
+            assert f"moved from {bad.url} (disconnect), resumed at step 4" in text
+            assert "paid for a fee of" in await page.inner_text("#cost")
+            shot = tmp_path / "gateway-page-failover.png"
+            await page.screenshot(path=str(shot), full_page=True)
+        finally:
+            await browser.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "gateway-page-failover.png")

@@ -27,6 +27,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from broadcaster.discovery import DEFAULT_REFRESH_SECONDS
+from broadcaster.failover import JobRunner
 from broadcaster.gateway.errors import ApiError, from_job_error, invalid
 from broadcaster.gateway.jobs import GatewayJob, JobManager
 from broadcaster.gateway.metrics import GatewayMetrics
@@ -37,7 +39,6 @@ from broadcaster.gateway.requests import (
     GatewayRequest,
     build_request,
 )
-from broadcaster.gateway.selection import OrchestratorChoice
 from broadcaster.gateway.storage import OutputNotFound, Storage
 
 log = logging.getLogger(__name__)
@@ -46,19 +47,27 @@ OPEN_PATHS = ("/", "/health", "/openapi.json", "/metrics")
 
 
 class Gateway:
-    """Everything one gateway holds; `app` is its ASGI application."""
+    """Everything one gateway holds; `app` is its ASGI application.
+
+    Jobs run through `runner` (selection, failover, resume); while the app
+    runs, the runner's discovery asks the orchestrators for their info every
+    `refresh_seconds`.
+    """
 
     def __init__(
         self,
-        choice: OrchestratorChoice,
+        runner: JobRunner,
         storage: Storage,
         token: str | None = None,
         metrics: GatewayMetrics | None = None,
+        refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
         self.storage = storage
         self.token = token
-        self.jobs = JobManager(choice, storage, self.metrics)
+        self.runner = runner
+        self.refresh_seconds = refresh_seconds
+        self.jobs = JobManager(runner, storage, self.metrics)
         self.app = Starlette(
             routes=[
                 Route("/", self.page),
@@ -86,6 +95,7 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
+            await tg.start(self.runner.discovery.run, self.refresh_seconds)
             self.jobs.attach(tg)
             try:
                 yield

@@ -20,6 +20,7 @@ _STATUS_FOR_CODE = {
     ErrorCode.UNKNOWN_MODEL.value: 503,
     ErrorCode.UNSUPPORTED_PIPELINE.value: 503,
     ErrorCode.MODEL_UNAVAILABLE.value: 503,
+    ErrorCode.NO_ORCHESTRATOR.value: 503,
 }
 
 

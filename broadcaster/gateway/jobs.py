@@ -1,10 +1,12 @@
-"""Gateway jobs: choose an orchestrator, run the job through a session, publish its events.
+"""Gateway jobs: run each through the JobRunner (selection, failover, resume), publish events.
 
 Each job runs as a task in the gateway's task group; its events go to the
 job's `JobStream` as JSON-ready dicts (the WebSocket and SSE routes and the
 synchronous REST routes all read from there), its outputs go to storage,
-and its numbers go to the gateway's metrics. Every log line of the task
-carries the job id.
+and its numbers go to the gateway's metrics. When the job moves to another
+orchestrator, the stream gets an `orchestrator_changed` event and the cost
+so far keeps counting what was paid to the orchestrators before. Every log
+line of the task carries the job id.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import anyio
@@ -27,19 +30,21 @@ from broadcaster.events import (
     Event,
     JobError,
     JobResult,
+    OrchestratorChanged,
     PaymentSent,
     PreviewFrame,
     ProgressUpdate,
 )
+from broadcaster.failover import JobRunner
 from broadcaster.gateway.errors import ApiError, from_job_error
 from broadcaster.gateway.hub import JobStream, JsonEvent
 from broadcaster.gateway.metrics import GatewayMetrics
+from broadcaster.gateway.offers import resolve_model
 from broadcaster.gateway.params import checked_params
 from broadcaster.gateway.requests import GatewayRequest
-from broadcaster.gateway.selection import Chosen, OrchestratorChoice
 from broadcaster.gateway.storage import Storage
 from broadcaster.gateway.video import encode_mp4
-from broadcaster.session import BroadcasterSession
+from broadcaster.job_control import JobControl
 from protocol.errors import ErrorCode
 from protocol.messages import JobParams
 from stepstream.logs import current_job_id
@@ -59,8 +64,8 @@ class GatewayJob:
     stream: JobStream = field(default_factory=JobStream)
     done: anyio.Event = field(default_factory=anyio.Event)
     orchestrator: str | None = None
-    session: BroadcasterSession | None = None
-    accepted: bool = False
+    """The orchestrator running the job, as last told on its stream."""
+    control: JobControl = field(default_factory=JobControl)
     cancel_requested: bool = False
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     submitted: float = field(default_factory=time.monotonic)
@@ -80,15 +85,32 @@ def _data_url(fmt: str, data: bytes) -> str:
     return f"data:image/{fmt};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+@dataclass
+class _Spent:
+    """Money and steps of one job across orchestrators, for the cost so far and the metrics."""
+
+    earlier_paid: Fraction = Fraction(0)
+    """EV paid to the orchestrators the job left."""
+    earlier_fee: Fraction = Fraction(0)
+    """What the steps they delivered cost at their prices."""
+    earlier_tickets: int = 0
+    session_paid: Fraction = Fraction(0)
+    """EV paid to the orchestrator running the job now."""
+    session_tickets: int = 0
+    last_step: int = 0
+    last_progress_at: float | None = None
+    seen_preview: bool = False
+
+
 class JobManager:
     def __init__(
         self,
-        choice: OrchestratorChoice,
+        runner: JobRunner,
         storage: Storage,
         metrics: GatewayMetrics,
         preview_format: str = "webp",
     ) -> None:
-        self.choice = choice
+        self.runner = runner
         self.storage = storage
         self.metrics = metrics
         self.preview_format = preview_format
@@ -122,16 +144,15 @@ class JobManager:
         return job
 
     async def cancel(self, job: GatewayJob) -> None:
-        """Stop the job: ask the orchestrator if it has accepted, else stop here."""
+        """Stop the job, wherever it is: waiting here, or running on an orchestrator."""
         if job.done.is_set() or job.cancel_requested:
             return
         job.cancel_requested = True
         log.info("cancel requested for job %s", job.job_id)
-        if job.accepted and job.session is not None:
-            await job.session.cancel(job.job_id)
-        elif job.session is None:
-            job.scope.cancel()
-        # Otherwise the job request is in flight: _run cancels when Accepted arrives.
+        job.scope.cancel()  # still waiting for a subscriber or a model; a no-op once running
+        # Running: the orchestrator is asked to stop (as soon as it has accepted),
+        # and the runner ends the job as cancelled instead of failing over.
+        await job.control.cancel()
 
     # ------------------------------------------------------------------ running
 
@@ -145,16 +166,13 @@ class JobManager:
                 if wait_for_subscriber:
                     with anyio.move_on_after(HOLD_TIMEOUT):
                         await job.stream.first_subscriber.wait()
-                chosen = await self.choice.choose(req.pipeline, req.model_id)
+                model_id = await resolve_model(self.runner.discovery, req.pipeline, req.model_id)
             if job.scope.cancelled_caught:
                 outcome = ErrorCode.CANCELLED.value
                 self._publish_error(job, ErrorCode.CANCELLED.value, "the job was cancelled", 499)
                 return
-            labels = (req.pipeline, chosen.capability.model_id)
-            try:
-                outcome = await self._run_on(job, chosen, labels)
-            finally:
-                await chosen.session.aclose()
+            labels = (req.pipeline, model_id)
+            outcome = await self._follow(job, model_id, labels)
         except ApiError as err:
             outcome = err.code
             self._publish_error(job, err.code, err.message, err.status)
@@ -163,58 +181,28 @@ class JobManager:
             self._publish_error(job, ErrorCode.INTERNAL_ERROR.value, f"gateway error: {exc}", 500)
         finally:
             self.metrics.jobs.labels(*labels, outcome).inc()
-            job.session = None
             job.done.set()
             log.info("job ended: %s", outcome)
 
-    async def _run_on(self, job: GatewayJob, chosen: Chosen, labels: tuple[str, str]) -> str:
+    async def _follow(self, job: GatewayJob, model_id: str, labels: tuple[str, str]) -> str:
+        """Run the job through the runner, publishing each event; the outcome for the metrics."""
         req = job.request
-        job.orchestrator = chosen.url
-        job.session = chosen.session
-        info = chosen.session.info
-        assert info is not None
-        log.info("running on %s (%s)", chosen.url, "0x" + info.orchestrator.hex())
-        job.stream.publish(
-            {
-                "type": "orchestrator_changed",
-                "url": chosen.url,
-                "address": "0x" + info.orchestrator.hex(),
-                "reason": "selected",
-            }
-        )
-        last_progress: tuple[float, int] | None = None
-        ev_paid = 0.0
-        seen_preview = False
-        async for event in chosen.session.generate(
+        spent = _Spent()
+        async for event in self.runner.generate(
             job.params,
-            model_id=chosen.capability.model_id,
+            model_id=model_id,
             pipeline=req.pipeline,
             preview_every=req.preview_every,
             preview_format=self.preview_format,
             job_id=job.job_id,
+            control=job.control,
         ):
-            if isinstance(event, ProgressUpdate):
-                now = time.monotonic()
-                if last_progress is not None and event.step > last_progress[1]:
-                    per_step = (now - last_progress[0]) / (event.step - last_progress[1])
-                    self.metrics.step_seconds.labels(*labels).observe(per_step)
-                    self.metrics.steps.labels(*labels).inc(event.step - last_progress[1])
-                elif last_progress is None:
-                    self.metrics.steps.labels(*labels).inc(event.step)
-                last_progress = (now, event.step)
-            elif isinstance(event, PreviewFrame):
-                if not seen_preview:
-                    seen_preview = True
-                    self.metrics.time_to_first_preview.labels(*labels).observe(
-                        time.monotonic() - job.submitted
-                    )
-                self.metrics.previews.labels(*labels).inc()
-                self.metrics.preview_bytes.labels(*labels).inc(len(event.image))
-            elif isinstance(event, PaymentSent):
-                self.metrics.tickets_sent.inc(event.tickets)
-                self.metrics.ev_paid.inc(float(event.ev_paid) - ev_paid)
-                ev_paid = float(event.ev_paid)
-            elif isinstance(event, JobResult):
+            if isinstance(event, Accepted) and job.control.url != job.orchestrator:
+                self._publish_orchestrator(job, job.control.url, {"reason": "selected"})
+            if isinstance(event, OrchestratorChanged):
+                self._moved(job, event, spent)
+                continue
+            if isinstance(event, JobResult):
                 self.metrics.steps_per_second.labels(*labels).observe(event.steps_per_second)
                 images = await anyio.to_thread.run_sync(self._store, req, event)
                 job.stream.publish(self._result_event(job, event, images))
@@ -226,21 +214,82 @@ class JobManager:
                     float(event.fee),
                 )
                 return "success"
-            elif isinstance(event, JobError):
+            if isinstance(event, JobError):
                 log.info("job error %s: %s", event.code, event.message)
                 err = from_job_error(event.code, event.message)
                 self._publish_error(job, event.code, event.message, err.status)
                 return event.code
-            json_event = self._json(event)
+            self._count(job, event, spent, labels)
+            json_event = self._json(event, spent)
             if json_event is not None:
                 job.stream.publish(json_event)
             if isinstance(event, Accepted):
-                job.accepted = True
                 log.info("accepted: %d steps, fee %.0f wei", event.steps, float(event.fee))
-                if job.cancel_requested:
-                    await chosen.session.cancel(job.job_id)
         self._publish_error(job, ErrorCode.INTERNAL_ERROR.value, "the job ended early", 500)
         return ErrorCode.INTERNAL_ERROR.value
+
+    def _publish_orchestrator(self, job: GatewayJob, url: str | None, extra: JsonEvent) -> None:
+        job.orchestrator = url
+        status = self.runner.discovery.status(url) if url else None
+        info = status.info if status is not None else None
+        address = "0x" + info.orchestrator.hex() if info is not None else None
+        log.info("running on %s (%s)", url, address)
+        job.stream.publish(
+            {"type": "orchestrator_changed", "url": url, "address": address, **extra}
+        )
+
+    def _moved(self, job: GatewayJob, change: OrchestratorChanged, spent: _Spent) -> None:
+        """The job left `change.old`: what it was paid stays in the cost so far."""
+        self.metrics.failovers.inc()
+        spent.earlier_paid += change.paid
+        spent.earlier_fee += change.step_fee * change.delivered_steps
+        spent.earlier_tickets += spent.session_tickets
+        spent.session_paid, spent.session_tickets = Fraction(0), 0
+        spent.last_step, spent.last_progress_at = change.from_step, None
+        log.info(
+            "moved from %s: %s (%s); %s",
+            change.old,
+            change.reason,
+            change.detail,
+            f"resumed at step {change.from_step}" if change.resumed else "restarted",
+        )
+        self._publish_orchestrator(
+            job,
+            change.new,
+            {
+                "reason": change.reason,
+                "detail": change.detail,
+                "previous": change.old,
+                "resumed": change.resumed,
+                "from_step": change.from_step,
+                "previous_delivered_steps": change.delivered_steps,
+                "previous_paid_wei": float(change.paid),
+            },
+        )
+
+    def _count(self, job: GatewayJob, event: Event, spent: _Spent, labels: tuple[str, str]) -> None:
+        """The gateway's metrics for one event."""
+        if isinstance(event, ProgressUpdate):
+            now = time.monotonic()
+            done = event.step - spent.last_step
+            if done > 0:
+                if spent.last_progress_at is not None:
+                    per_step = (now - spent.last_progress_at) / done
+                    self.metrics.step_seconds.labels(*labels).observe(per_step)
+                self.metrics.steps.labels(*labels).inc(done)
+            spent.last_step, spent.last_progress_at = event.step, now
+        elif isinstance(event, PreviewFrame):
+            if not spent.seen_preview:
+                spent.seen_preview = True
+                self.metrics.time_to_first_preview.labels(*labels).observe(
+                    time.monotonic() - job.submitted
+                )
+            self.metrics.previews.labels(*labels).inc()
+            self.metrics.preview_bytes.labels(*labels).inc(len(event.image))
+        elif isinstance(event, PaymentSent):
+            self.metrics.tickets_sent.inc(event.tickets)
+            self.metrics.ev_paid.inc(float(event.ev_paid - spent.session_paid))
+            spent.session_paid, spent.session_tickets = event.ev_paid, event.tickets_total
 
     def _store(self, req: GatewayRequest, result: JobResult) -> list[dict[str, Any]]:
         """Outputs to storage: a PNG per image, or one MP4 of all frames for video."""
@@ -262,7 +311,7 @@ class JobManager:
 
     # ------------------------------------------------------------------ events
 
-    def _json(self, event: Event) -> JsonEvent | None:
+    def _json(self, event: Event, spent: _Spent) -> JsonEvent | None:
         if isinstance(event, Accepted):
             return {
                 "type": "accepted",
@@ -295,12 +344,13 @@ class JobManager:
                 "image": _data_url(event.format, event.image),
             }
         if isinstance(event, PaymentSent):
+            # Cost so far: this orchestrator's, plus what the ones before it were paid.
             return {
                 "type": "payment",
                 "tickets": event.tickets,
-                "tickets_total": event.tickets_total,
-                "ev_paid_wei": float(event.ev_paid),
-                "fee_wei": float(event.fee),
+                "tickets_total": spent.earlier_tickets + event.tickets_total,
+                "ev_paid_wei": float(spent.earlier_paid + event.ev_paid),
+                "fee_wei": float(spent.earlier_fee + event.fee),
             }
         return None
 

@@ -54,6 +54,6 @@ class GatewayMetrics:
         )
         self.failovers = Counter(
             "stepstream_gateway_failovers",
-            "Jobs moved to another orchestrator (declared; selection and failover come later)",
+            "Moves of a job to another orchestrator (stall, disconnect, error, refusal)",
             registry=r,
         )

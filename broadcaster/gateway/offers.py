@@ -1,0 +1,49 @@
+"""Which model a gateway request runs, from what the known orchestrators offer.
+
+Livepeer clients may leave `model_id` empty: the gateway then runs the
+first model that a reachable orchestrator offers for the pipeline (in the
+configured order). A request nobody can serve is refused here, before any
+job runs, with the codes an orchestrator would use: `unsupported_pipeline`
+when no reachable orchestrator offers the pipeline, `unknown_model` when
+none offers that model for it. Which orchestrator then runs the job is the
+JobRunner's choice (broadcaster/selection.py), not this module's.
+"""
+
+from __future__ import annotations
+
+from broadcaster.discovery import Discovery, OrchestratorStatus
+from broadcaster.gateway.errors import ApiError
+
+
+def offered_model(statuses: list[OrchestratorStatus], pipeline: str, model_id: str) -> str | None:
+    for status in statuses:
+        if status.info is None:
+            continue
+        for cap in status.info.capabilities:
+            if cap.pipeline == pipeline and model_id in ("", cap.model_id):
+                return cap.model_id
+    return None
+
+
+async def resolve_model(discovery: Discovery, pipeline: str, model_id: str) -> str:
+    """The model to run, or a 503 ApiError saying why no orchestrator can run the request.
+
+    What discovery last heard is asked first; when it offers nothing that fits,
+    the orchestrators are asked again (one may have come up or loaded the model).
+    """
+    found = offered_model(discovery.statuses, pipeline, model_id)
+    if found is None:
+        found = offered_model(await discovery.refresh(), pipeline, model_id)
+    if found is not None:
+        return found
+    reasons: list[str] = []
+    pipeline_seen = False
+    for status in discovery.statuses:
+        if status.info is None:
+            reasons.append(f"{status.url}: unreachable ({status.error})")
+            continue
+        pipeline_seen |= any(c.pipeline == pipeline for c in status.info.capabilities)
+        reasons.append(f"{status.url}: does not offer it")
+    what = f"{pipeline} {model_id}" if model_id else pipeline
+    code = "unknown_model" if pipeline_seen else "unsupported_pipeline"
+    raise ApiError(503, code, f"no orchestrator offers {what} ({'; '.join(reasons)})")

@@ -1,0 +1,95 @@
+"""What each orchestrator did for a job, and the job's result summed over all of them.
+
+JobRunner (broadcaster/failover.py) keeps one `Try` per orchestrator it
+sends the job to; the record explains a move (OrchestratorChanged), names
+each try when the job gives up, and sums money and steps into the result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from broadcaster.events import Accepted, JobError, JobResult
+from broadcaster.rate import StepRate
+from broadcaster.selection import NoOrchestrator
+from protocol.errors import ErrorCode
+
+QUOTE_ERRORS = frozenset({ErrorCode.PRICE_TOO_HIGH.value, ErrorCode.INVALID_TICKET_PARAMS.value})
+
+
+@dataclass
+class Try:
+    """What one orchestrator did for the job: the record behind an OrchestratorChanged."""
+
+    url: str
+    model_id: str
+    offset: int
+    reason: str = ""
+    detail: str = ""
+    accepted: Accepted | None = None
+    delivered: int = 0
+    paid: Fraction = Fraction(0)
+    tickets: int = 0
+    result: JobResult | None = None
+    first_preview: float | None = None
+    rate: StepRate = field(default_factory=StepRate)
+    """From progress arrivals only: the wait for the first step is not a step's speed."""
+
+    @property
+    def step_fee(self) -> Fraction:
+        a = self.accepted
+        return a.fee / a.steps if a is not None and a.steps else Fraction(0)
+
+    def describe(self) -> str:
+        return f"{self.url} ({self.reason}: {self.detail})"
+
+
+def classify(error: JobError, accepted: bool) -> tuple[str, str]:
+    """(reason, detail) of a try that ended with an error."""
+    detail = f"{error.code}: {error.message}"
+    if not accepted and error.code not in QUOTE_ERRORS:
+        return "refused", detail
+    if error.code == ErrorCode.INTERNAL_ERROR.value and error.message.startswith(
+        "connection closed"
+    ):
+        return "disconnect", error.message
+    return "error", detail
+
+
+def no_orchestrator_code(tries: list[Try], exc: NoOrchestrator) -> str:
+    """price_too_high when price alone ruled out every orchestrator before any try."""
+    reasons = list(exc.reasons.values())
+    if not tries and reasons and all(r.startswith("price ") for r in reasons):
+        return ErrorCode.PRICE_TOO_HIGH.value
+    return ErrorCode.NO_ORCHESTRATOR.value
+
+
+def give_up(tries: list[Try], why: str) -> str:
+    if not tries:
+        return why
+    listed = "; ".join(f"{i}. {t.describe()}" for i, t in enumerate(tries, 1))
+    return f"{why}. Tries: {listed}"
+
+
+def job_result(job_id: str, tries: list[Try], started: float) -> JobResult:
+    """The job's result with money and steps summed over every orchestrator that worked on it."""
+    final = tries[-1].result
+    assert final is not None
+    earlier = tries[:-1]
+    first_previews = [t.first_preview for t in tries if t.first_preview is not None]
+    return JobResult(
+        job_id,
+        final.images,
+        tries[-1].offset + final.steps,
+        final.fee + sum((t.step_fee * t.delivered for t in earlier), Fraction(0)),
+        sum((t.paid for t in tries), Fraction(0)),
+        sum(t.tickets for t in tries),
+        time.monotonic() - started,
+        first_previews[0] if first_previews else None,
+        final.steps_per_second,
+        winners=final.winners,
+        frames=final.frames,
+        fps=final.fps,
+    )
