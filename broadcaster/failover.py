@@ -225,7 +225,11 @@ class JobRunner:
         pixel_steps: int,
         remaining: float | None,
     ) -> Candidate:
-        found = self._untried(pipeline, model_id, tries)
+        # Suspended orchestrators are a last resort, but a resort: a job tried on
+        # one that failed a while ago beats a job refused outright.
+        found = self._untried(pipeline, model_id, tries) or self._untried(
+            pipeline, model_id, tries, include_suspended=True
+        )
         if not found:
             _, why = candidates(
                 self.discovery.statuses,
@@ -244,14 +248,16 @@ class JobRunner:
         """Whether another orchestrator could take the job now (none tried yet for it)."""
         return bool(self._untried(pipeline, model_id, tries))
 
-    def _untried(self, pipeline: str, model_id: str, tries: list[Try]) -> list[Candidate]:
+    def _untried(
+        self, pipeline: str, model_id: str, tries: list[Try], include_suspended: bool = False
+    ) -> list[Candidate]:
         found, _ = candidates(
             self.discovery.statuses,
             pipeline=pipeline,
             model_id=model_id,
             max_price=self.max_price,
             metrics=self.metrics,
-            suspensions=self.suspensions,
+            suspensions=Suspensions() if include_suspended else self.suspensions,
             exclude={t.url: f"already tried: {t.reason}" for t in tries},
             stakes=self.selection.stakes,
         )

@@ -167,3 +167,15 @@ async def test_a_slow_orchestrator_with_no_alternative_finishes_the_job(tiny_mod
         events = await collect(runner, small(3), 1)
     assert not [e for e in events if isinstance(e, OrchestratorChanged)]
     assert isinstance(events[-1], JobResult) and events[-1].steps == 3
+
+
+async def test_a_lone_orchestrator_that_failed_still_gets_the_next_job(tiny_model: object) -> None:
+    """Suspension orders choices; it must not refuse every job when nothing else is left."""
+    async with loopback_orchestrator(tiny_model, FaultPlan(error_after=1)) as lone:
+        runner = await runner_trying_first(lone.url, [lone.url])
+        failed = await collect(runner, small(3), 1)
+        assert isinstance(failed[-1], JobError)
+        assert runner.suspensions.reason(lone.url) is not None
+        lone.orch.plan = FaultPlan()  # it recovers
+        events = await collect(runner, small(3), 1)
+    assert isinstance(events[-1], JobResult)
