@@ -306,3 +306,31 @@ def test_every_runner_must_is_indexed_to_a_test_that_exists() -> None:
         for ref in re.findall(r"tests/[\w/]+\.py::\w+", cell):
             path, name = ref.split("::")
             assert f"def {name}(" in (root / path).read_text(), ref
+
+
+@pytest.mark.parametrize("pipeline", ["image-to-image", "image-to-video"])
+async def test_image_pipelines_run_on_a_runner(
+    pipeline: str, tiny_sdxl_model: LoadedModel, tiny_svd_model: LoadedModel
+) -> None:
+    """The runner protocol carries every pipeline, not only text-to-image."""
+    from tests.test_network_pipelines import i2i, i2v
+
+    model, params, outputs = (
+        (tiny_sdxl_model, i2i(6, 0.5), "images")
+        if pipeline == "image-to-image"
+        else (tiny_svd_model, i2v(3, frames=3), "frames")
+    )
+    async with runner_in_process(model) as url:
+        entry = ModelEntry(pipeline, model.model_id, False, 1, PRICE, url=url, token=TOKEN)
+        async with (
+            orchestrator_with(entry) as running,
+            BroadcasterSession(running.url, secrets.token_bytes(32)) as session,
+        ):
+            events = [e async for e in session.generate(params, model_id=model.model_id)]
+    result = events[-1]
+    assert isinstance(result, JobResult), result
+    assert result.steps == 3
+    produced = getattr(result, outputs)
+    assert len(produced) == (1 if pipeline == "image-to-image" else 3)
+    assert all((p.width, p.height) == (64, 48) for p in produced)
+    assert [e.step for e in events if isinstance(e, ProgressUpdate)] == [1, 2, 3]
