@@ -11,7 +11,6 @@ message the thread emits goes through `send`, in order, on the loop.
 from __future__ import annotations
 
 import contextlib
-import io
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -22,11 +21,10 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.from_thread
 import torch
-from PIL import Image
 
-from pipelines.dispatch import JobOutput, run_job
+from pipelines.dispatch import JobOutput, png_bytes, run_job
 from pipelines.loader import LoadedModel
-from pipelines.previews import noise_scales, render_preview
+from pipelines.previews import StepPreviews
 from pipelines.resume import ResumePoint, latents_to_bytes, resume_scheduler_name
 from protocol.credit import JobCredit
 from protocol.errors import ErrorCode, ProtocolError
@@ -36,7 +34,6 @@ from protocol.messages import (
     JobRequest,
     Latents,
     Message,
-    Preview,
     Progress,
     Result,
     ResultImage,
@@ -46,9 +43,6 @@ from protocol.pricing import pixel_steps
 
 if TYPE_CHECKING:
     from orchestrator.runner_client import RunnerClient
-
-PREVIEW_MAX_SIDE = 512
-PREVIEW_MAX_BYTES = 256 * 1024
 
 
 class JobStopped(Exception):
@@ -94,11 +88,7 @@ class RunningJob:
         self.payment_timeout = payment_timeout
         self.runner = runner
         """Where the job runs; None: in a thread of this process, on `model`."""
-        self._preview_scales: list[float] = []
-        if model is not None:
-            # An image-to-image job runs only the last steps of its schedule.
-            scales = noise_scales(model, request.params.num_inference_steps)
-            self._preview_scales = scales[max(0, len(scales) - 1 - ledger.total_steps) :]
+        self._previews = None if model is None else StepPreviews(model, request, ledger.total_steps)
         self.changed = anyio.Event()
         """Set (and replaced) when credit arrives or the job is stopped: wakes the grant pump."""
         self._cond = threading.Condition()
@@ -170,7 +160,7 @@ class RunningJob:
             self.finished.set()
         pictures = tuple(
             ResultImage(
-                image=_png(img),
+                image=png_bytes(img),
                 format="png",
                 width=img.width,
                 height=img.height,
@@ -266,31 +256,10 @@ class RunningJob:
         """Report a completed step (it was paid for); a stop takes effect before the next."""
         req = self.request
         total = self.ledger.total_steps
-        if req.preview_method != "none" and (step % req.preview_every == 0 or step == total):
-            scale = self._preview_scales[min(step, len(self._preview_scales) - 1)]
-            assert self.model is not None
-            shown = render_preview(
-                self.model,
-                latents / scale,
-                req.preview_method,
-                req.preview_format,
-                PREVIEW_MAX_SIDE,
-                PREVIEW_MAX_BYTES,
-                req.preview_frame,
-            )
-            self._emit(
-                Preview(
-                    job_id=req.job_id,
-                    step=step,
-                    image=shown.data,
-                    format=req.preview_format,
-                    width=shown.width,
-                    height=shown.height,
-                    method=None if shown.method == req.preview_method else shown.method,
-                    frames=shown.frames,
-                    latents=self._latents(latents) if req.want_latents else None,
-                )
-            )
+        assert self._previews is not None
+        if self._previews.due(step):
+            carried = self._latents(latents) if req.want_latents else None
+            self._emit(self._previews.message(step, latents, carried))
         self._emit(
             Progress(
                 job_id=req.job_id,
@@ -307,9 +276,3 @@ class RunningJob:
             return None
         dtype, shape, data = latents_to_bytes(latents)
         return Latents(scheduler=scheduler, dtype=dtype, shape=shape, data=data)
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,13 @@ class JobOutput:
     images: list[Image.Image]
     video: bool = False
     fps: int = 0
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """An output image or frame as the PNG a result carries."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def supports(model: LoadedModel, pipeline: str) -> bool:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from protocol.messages import JobRequest, Latents, Preview
+
 if TYPE_CHECKING:
     from pipelines.loader import LoadedModel
 
@@ -322,3 +324,55 @@ def noise_scales(model: LoadedModel, num_inference_steps: int) -> list[float]:
     if sigmas is None:
         return [1.0] * (len(probe.timesteps) + 1)
     return [math.sqrt(float(s) ** 2 + 1.0) for s in sigmas]
+
+
+PREVIEW_MAX_SIDE = 512
+PREVIEW_MAX_BYTES = 256 * 1024
+"""Spec 9.3's caps on one preview."""
+
+
+class StepPreviews:
+    """A job's previews: which steps get one (spec 9.3) and the preview itself.
+
+    Shared by jobs run in the orchestrator's process and on runners, so the
+    cadence, the noise scaling and the caps live in one place.
+    """
+
+    def __init__(self, model: LoadedModel, request: JobRequest, total_steps: int) -> None:
+        self.model = model
+        self.request = request
+        self.total_steps = total_steps
+        scales = noise_scales(model, request.params.num_inference_steps)
+        # Image-to-image and resumed jobs run only the last steps of their schedule.
+        self._scales = scales[max(0, len(scales) - 1 - total_steps) :]
+
+    def due(self, step: int) -> bool:
+        req = self.request
+        return req.preview_method != "none" and (
+            step % req.preview_every == 0 or step == self.total_steps
+        )
+
+    def message(self, step: int, latents: torch.Tensor, carried: Latents | None = None) -> Preview:
+        """The preview of `latents` after `step`, carrying `carried` for a resume (spec 15)."""
+        req = self.request
+        scale = self._scales[min(step, len(self._scales) - 1)]
+        shown = render_preview(
+            self.model,
+            latents / scale,
+            req.preview_method,
+            req.preview_format,
+            PREVIEW_MAX_SIDE,
+            PREVIEW_MAX_BYTES,
+            req.preview_frame,
+        )
+        return Preview(
+            job_id=req.job_id,
+            step=step,
+            image=shown.data,
+            format=req.preview_format,
+            width=shown.width,
+            height=shown.height,
+            method=None if shown.method == req.preview_method else shown.method,
+            frames=shown.frames,
+            latents=carried,
+        )

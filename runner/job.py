@@ -7,20 +7,17 @@ runner cannot run ahead of what the orchestrator has been paid for.
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.from_thread
 import torch
-from PIL import Image
 
-from pipelines.dispatch import executed_steps, run_job
+from pipelines.dispatch import executed_steps, png_bytes, run_job
 from pipelines.loader import LoadedModel
-from pipelines.previews import noise_scales, render_preview
+from pipelines.previews import StepPreviews
 from protocol.errors import ErrorCode
-from protocol.messages import Preview
 from protocol.runner import (
     Awaiting,
     Begin,
@@ -33,9 +30,6 @@ from protocol.runner import (
     StepGrant,
     Stop,
 )
-
-PREVIEW_MAX_SIDE = 512
-PREVIEW_MAX_BYTES = 256 * 1024
 
 
 class Stopped(Exception):
@@ -59,8 +53,7 @@ class RunnerJob:
         self._cond = threading.Condition()
         self.gate = StepGrant(granted=run.granted)
         self.total_steps = executed_steps(run.request.params, model)
-        scales = noise_scales(model, run.request.params.num_inference_steps)
-        self._scales = scales[max(0, len(scales) - 1 - self.total_steps) :]
+        self._previews = StepPreviews(model, run.request, self.total_steps)
 
     # ------------------------------------------------- called from the loop
 
@@ -88,7 +81,7 @@ class RunnerJob:
             message = f"pipeline failed: {type(exc).__name__}: {exc}"[:1024]
             await self._send(Failed(job_id, ErrorCode.PIPELINE_FAILED.value, message))
             return
-        pngs = tuple(_png(image) for image in output.images)
+        pngs = tuple(png_bytes(image) for image in output.images)
         await self._send(Output(job_id, pngs, output.video, output.fps))
 
     # ---------------------------------------- called from the worker thread
@@ -114,34 +107,6 @@ class RunnerJob:
 
     def on_step_end(self, step: int, latents: torch.Tensor) -> None:
         req = self.request
-        if req.preview_method != "none" and (
-            step % req.preview_every == 0 or step == self.total_steps
-        ):
-            scale = self._scales[min(step, len(self._scales) - 1)]
-            shown = render_preview(
-                self.model,
-                latents / scale,
-                req.preview_method,
-                req.preview_format,
-                PREVIEW_MAX_SIDE,
-                PREVIEW_MAX_BYTES,
-                req.preview_frame,
-            )
-            preview = Preview(
-                job_id=req.job_id,
-                step=step,
-                image=shown.data,
-                format=req.preview_format,
-                width=shown.width,
-                height=shown.height,
-                method=None if shown.method == req.preview_method else shown.method,
-                frames=shown.frames,
-            )
-            self._emit(RunnerPreview(preview))
+        if self._previews.due(step):
+            self._emit(RunnerPreview(self._previews.message(step, latents)))
         self._emit(Done(req.job_id, step))
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
