@@ -328,11 +328,16 @@ class JobRunner:
             resume=resume,
         )
         last_progress = sent_at
+        alone, alone_checked = False, -math.inf
         try:
             while True:
                 timeout = self._stall_timeout(attempt, model_id, pixels)
-                if timeout < self.policy.alone_timeout and not can_move():
-                    timeout = self.policy.alone_timeout
+                # Whether the job could go elsewhere reads the metrics store: ask
+                # at most once a second, not on every event.
+                if time.monotonic() - alone_checked >= 1.0:
+                    alone, alone_checked = not can_move(), time.monotonic()
+                if alone:
+                    timeout = max(timeout, self.policy.alone_timeout)
                 wait = last_progress + timeout - time.monotonic()
                 event = None
                 with anyio.move_on_after(max(0.0, wait)):
