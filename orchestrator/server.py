@@ -31,6 +31,7 @@ from orchestrator.jobs import JobOutcome, RunningJob
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.peer import Peer
 from orchestrator.redeemer import Redeemer
+from orchestrator.resume import resume_point
 from orchestrator.runner_client import RunnerClient
 from orchestrator.runner_pool import RunnerPool, RunnerSettings, default_runner_devices
 from orchestrator.winners import WinnerQueue
@@ -38,7 +39,7 @@ from pipelines.dispatch import executed_steps, supports
 from pipelines.errors import InvalidRequest, ModelNotFound
 from pipelines.loader import LoadedModel
 from pipelines.requests import OutputShape, output_shape
-from pipelines.resume import ResumePoint, latents_from_bytes, resume_scheduler_name
+from pipelines.resume import resume_scheduler_name
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection
 from protocol.credit import JobCredit, ticket_odds
@@ -57,7 +58,6 @@ from protocol.messages import (
     Preview,
     Progress,
     Role,
-    TextToImageParams,
     TicketParams,
     error_message,
 )
@@ -320,7 +320,7 @@ class Orchestrator:
             slot, model, shape = await self._check(req)
             runner = model if isinstance(model, RunnerClient) else None
             local = None if isinstance(model, RunnerClient) else model
-            resume = self._resume_point(req, local)
+            resume = resume_point(req, local)
             params = req.params
             steps = await runner.plan(req) if runner else executed_steps(params, local)
             steps -= resume.step if resume else 0
@@ -442,48 +442,6 @@ class Orchestrator:
                 ErrorCode.MODEL_UNAVAILABLE, f"{req.model_id} cannot run {req.pipeline}"
             )
         return slot, model, shape
-
-    def _resume_point(self, req: JobRequest, model: LoadedModel | None) -> ResumePoint | None:
-        """The job's starting latents when it resumes one begun elsewhere (spec 15).
-
-        Only models loaded in this process can resume: the runner protocol
-        does not carry latents yet, so runner-hosted models advertise none.
-        """
-        if req.resume is None:
-            return None
-        if model is None:
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST,
-                f"{req.model_id} runs on a runner here, which cannot resume",
-            )
-        latents, p = req.resume.latents, req.params
-        if not isinstance(p, TextToImageParams):
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST, f"only text-to-image jobs can resume, not {req.pipeline}"
-            )
-        scheduler = resume_scheduler_name(model.pipe)
-        if not scheduler or latents.scheduler != scheduler:
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST,
-                f"cannot resume {latents.scheduler} latents here (resume scheduler: "
-                f"{scheduler or 'none'})",
-            )
-        if req.resume.step >= executed_steps(p, model):
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST,
-                f"resume step {req.resume.step} leaves no step of {p.num_inference_steps} to run",
-            )
-        shape = (p.num_images_per_prompt, 4, p.height // 8, p.width // 8)
-        if tuple(latents.shape) != shape:
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST,
-                f"latents of shape {tuple(latents.shape)} do not fit the job's {shape}",
-            )
-        try:
-            tensor = latents_from_bytes(latents.dtype, tuple(latents.shape), latents.data)
-        except ValueError as exc:
-            raise ProtocolError(ErrorCode.INVALID_REQUEST, str(exc)) from None
-        return ResumePoint(req.resume.step, tensor)
 
     async def _run(self, job: RunningJob, slot: ModelSlot) -> None:
         current_job_id.set(job.request.job_id)
