@@ -52,7 +52,7 @@ from broadcaster.selection import (
 )
 from broadcaster.session import BroadcasterSession, SessionError
 from broadcaster.suspension import Suspensions
-from broadcaster.tries import Try, classify, give_up, job_result, no_orchestrator_code
+from broadcaster.tries import Try, classify, give_up, job_result
 from pipelines.errors import InvalidRequest
 from pipelines.requests import output_shape, planned_steps
 from protocol.errors import ErrorCode
@@ -153,7 +153,12 @@ class JobRunner:
                     pipeline, model_id, tries, pixels * (total - offset), remaining
                 )
             except NoOrchestrator as exc:
-                yield JobError(job_id, no_orchestrator_code(tries, exc), give_up(tries, str(exc)))
+                code = (
+                    ErrorCode.PRICE_TOO_HIGH
+                    if not tries and self._priced_out(pipeline, model_id)
+                    else ErrorCode.NO_ORCHESTRATOR
+                )
+                yield JobError(job_id, code.value, give_up(tries, str(exc)))
                 return
             resume = None
             if (
@@ -243,6 +248,12 @@ class JobRunner:
             )
             raise NoOrchestrator("no other orchestrator can take the job", why)
         return choose(found, self.selection, self.rng, pixel_steps=pixel_steps, deadline=remaining)
+
+    def _priced_out(self, pipeline: str, model_id: str) -> bool:
+        """Whether every orchestrator that offers the model asks more than our maximum."""
+        offers = [s.capability(pipeline, model_id) for s in self.discovery.statuses]
+        prices = [c.price_per_pixel_step for c in offers if c is not None]
+        return bool(prices) and self.max_price is not None and min(prices) > self.max_price
 
     def _has_alternative(self, pipeline: str, model_id: str, tries: list[Try]) -> bool:
         """Whether another orchestrator could take the job now (none tried yet for it)."""

@@ -13,7 +13,6 @@ from fractions import Fraction
 
 from broadcaster.events import Accepted, JobError, JobResult
 from broadcaster.rate import StepRate
-from broadcaster.selection import NoOrchestrator
 from protocol.errors import ErrorCode
 
 QUOTE_ERRORS = frozenset({ErrorCode.PRICE_TOO_HIGH.value, ErrorCode.INVALID_TICKET_PARAMS.value})
@@ -56,14 +55,6 @@ def classify(error: JobError, accepted: bool) -> tuple[str, str]:
     ):
         return "disconnect", error.message
     return "error", detail
-
-
-def no_orchestrator_code(tries: list[Try], exc: NoOrchestrator) -> str:
-    """price_too_high when price alone ruled out every orchestrator before any try."""
-    reasons = list(exc.reasons.values())
-    if not tries and reasons and all(r.startswith("price ") for r in reasons):
-        return ErrorCode.PRICE_TOO_HIGH.value
-    return ErrorCode.NO_ORCHESTRATOR.value
 
 
 def give_up(tries: list[Try], why: str) -> str:
