@@ -188,19 +188,6 @@ def encode_preview(
         frame = frame.resize(size, Image.Resampling.BILINEAR)
 
 
-def make_preview(
-    model: LoadedModel,
-    latents: torch.Tensor,
-    method: str = "latent_rgb",
-    fmt: str = "webp",
-    max_side: int = 512,
-    max_bytes: int = 256 * 1024,
-) -> tuple[bytes, int, int]:
-    """A preview of `latents` by `method`, encoded by encode_preview (see render_preview)."""
-    r = render_preview(model, latents, method, fmt, max_side, max_bytes)
-    return r.data, r.width, r.height
-
-
 # ------------------------------------------------------------------ any job
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines.errors import InvalidRequest
 from pipelines.loader import LoadedModel, ModelNotFound, hub_cache_dir, load_model
-from pipelines.previews import encode_preview, make_preview
+from pipelines.previews import encode_preview, render_preview
 from pipelines.text_to_image import executed_steps, run_text_to_image, validate_text_to_image
 from pipelines.tiny import TINY_SD, quiet_diffusers
 from protocol.messages import TextToImageParams
@@ -137,7 +137,8 @@ def wide_latents(model: LoadedModel) -> torch.Tensor:
 def test_previews_decode_under_cap(
     model: LoadedModel, wide_latents: torch.Tensor, method: str, fmt: str
 ) -> None:
-    data, width, height = make_preview(model, wide_latents, method, fmt, 512, 64 * 1024)
+    shown = render_preview(model, wide_latents, method, fmt, 512, 64 * 1024)
+    data, width, height = shown.data, shown.width, shown.height
     assert len(data) <= 64 * 1024
     decoded = Image.open(io.BytesIO(data))
     decoded.load()
@@ -158,9 +159,9 @@ def test_preview_rejects_unknown_method_and_format(
     model: LoadedModel, wide_latents: torch.Tensor
 ) -> None:
     with pytest.raises(ValueError, match="method"):
-        make_preview(model, wide_latents, "taesd-please", "webp", 512, 1 << 18)
+        render_preview(model, wide_latents, "taesd-please", "webp", 512, 1 << 18)
     with pytest.raises(ValueError, match="format"):
-        make_preview(model, wide_latents, "latent_rgb", "gif", 512, 1 << 18)
+        render_preview(model, wide_latents, "latent_rgb", "gif", 512, 1 << 18)
 
 
 def test_missing_hub_id_names_id_and_places(
