@@ -7,13 +7,12 @@ moves when no progress arrives within k times the expected step interval
 another orchestrator is measured to make it, on a disconnect, or on an
 error. Moving means: stop paying at once (payments are only ever made in
 answer to progress, so none follows), cancel there, suspend that
-orchestrator, and continue elsewhere, from the last delivered latents when
-the new orchestrator can resume (spec 15), else from the start. The client
-sees one stream with an OrchestratorChanged event at each move.
-
-Every pipeline fails over; only text-to-image resumes (the others restart),
-since only it can continue from latents. A `JobControl` lets the caller
-see where the job runs and cancel it from another task.
+orchestrator, and continue elsewhere, from the latents of the last step
+delivered (every progress carries them) when the new orchestrator can
+resume (spec 15), else from the start. The client sees one stream with an
+OrchestratorChanged event at each move, and a second move resumes from the
+newest latents. A `JobControl` lets the caller see where the job runs and
+cancel it from another task.
 """
 
 from __future__ import annotations
@@ -30,16 +29,6 @@ from fractions import Fraction
 import anyio
 
 from broadcaster.discovery import Discovery
-from broadcaster.events import (
-    Accepted,
-    Event,
-    JobError,
-    JobResult,
-    OrchestratorChanged,
-    PaymentSent,
-    PreviewFrame,
-    ProgressUpdate,
-)
 from broadcaster.job_control import JobControl
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import (
@@ -56,7 +45,17 @@ from broadcaster.tries import Try, classify, give_up, job_result
 from pipelines.errors import InvalidRequest
 from pipelines.requests import output_shape, planned_steps
 from protocol.errors import ErrorCode
-from protocol.messages import JobParams, Latents, ResumeFrom, TextToImageParams
+from protocol.job_events import (
+    Accepted,
+    Event,
+    JobError,
+    JobResult,
+    OrchestratorChanged,
+    PaymentSent,
+    PreviewFrame,
+    ProgressUpdate,
+)
+from protocol.messages import JobParams, Latents, ResumeFrom
 
 RETRYABLE_REFUSALS = frozenset({ErrorCode.NO_CAPACITY.value})
 """Refusals that say 'not now' rather than 'something is wrong here': no suspension."""
@@ -132,7 +131,7 @@ class JobRunner:
         try:
             pixels = output_shape(params).pixels_per_step
         except InvalidRequest as exc:
-            yield JobError(job_id, ErrorCode.INVALID_REQUEST.value, str(exc))
+            yield JobError(job_id=job_id, code=ErrorCode.INVALID_REQUEST.value, message=str(exc))
             return
         if not self.discovery.statuses:
             await self.discovery.refresh()
@@ -158,7 +157,7 @@ class JobRunner:
                     if not tries and self._priced_out(pipeline, model_id)
                     else ErrorCode.NO_ORCHESTRATOR
                 )
-                yield JobError(job_id, code.value, give_up(tries, str(exc)))
+                yield JobError(job_id=job_id, code=code.value, message=give_up(tries, str(exc)))
                 return
             resume = None
             if (
@@ -171,17 +170,17 @@ class JobRunner:
             if tries:
                 old = tries[-1]
                 yield OrchestratorChanged(
-                    job_id,
-                    old.url,
-                    chosen.url,
-                    old.reason,
-                    old.detail,
-                    resume is not None,
-                    offset,
-                    old.delivered,
-                    old.paid,
-                    old.step_fee,
-                    old.accepted.window_steps if old.accepted else preview_every,
+                    job_id=job_id,
+                    old=old.url,
+                    new=chosen.url,
+                    reason=old.reason,
+                    detail=old.detail,
+                    resumed=resume is not None,
+                    from_step=offset,
+                    delivered_steps=old.delivered,
+                    paid=old.paid,
+                    step_fee=old.step_fee,
+                    window_steps=old.accepted.window_steps if old.accepted else preview_every,
                 )
             attempt = Try(chosen.url, model_id, offset)
             tries.append(attempt)
@@ -200,7 +199,7 @@ class JobRunner:
                 control=control,
             ):
                 if (
-                    isinstance(event, PreviewFrame)
+                    isinstance(event, ProgressUpdate)
                     and event.latents is not None
                     and (kept is None or event.step > kept[0])
                 ):
@@ -215,9 +214,9 @@ class JobRunner:
                 yield _cancelled(job_id)
                 return
         yield JobError(
-            job_id,
-            ErrorCode.NO_ORCHESTRATOR.value,
-            give_up(tries, f"gave up after {len(tries)} orchestrators"),
+            job_id=job_id,
+            code=ErrorCode.NO_ORCHESTRATOR.value,
+            message=give_up(tries, f"gave up after {len(tries)} orchestrators"),
         )
 
     # ------------------------------------------------------------ selection
@@ -334,8 +333,8 @@ class JobRunner:
             preview_format=preview_format,
             preview_frame=preview_frame,
             job_id=job_id,
-            # Only text-to-image continues from latents (spec 15); the rest restart.
-            want_latents=self.policy.resume and isinstance(params, TextToImageParams),
+            # Every progress carries the latents, so a move resumes at the last step seen.
+            want_latents=self.policy.resume,
             resume=resume,
         )
         last_progress = sent_at
@@ -461,23 +460,9 @@ class JobRunner:
         if off == 0:
             return event
         if isinstance(event, ProgressUpdate):
-            return ProgressUpdate(
-                event.job_id,
-                event.step + off,
-                event.total_steps + off,
-                event.steps_per_second,
-                event.pixel_steps_per_second,
-            )
+            return replace(event, step=event.step + off, total_steps=event.total_steps + off)
         if isinstance(event, PreviewFrame):
-            return PreviewFrame(
-                event.job_id,
-                event.step + off,
-                event.image,
-                event.format,
-                event.width,
-                event.height,
-                event.latents,
-            )
+            return replace(event, step=event.step + off)
         return event
 
     def _account(self, attempt: Try, model_id: str) -> None:
@@ -511,4 +496,4 @@ def _with_seed(params: JobParams, seed: int) -> JobParams:
 
 
 def _cancelled(job_id: str) -> JobError:
-    return JobError(job_id, ErrorCode.CANCELLED.value, "the job was cancelled")
+    return JobError(job_id=job_id, code=ErrorCode.CANCELLED.value, message="the job was cancelled")

@@ -4,15 +4,14 @@
         async for event in session.generate(TextToImageParams(prompt="a cat"), model_id=...):
             ...
 
-The session checks every quote against the advertised price and its own
-maximum before paying, then pays each window as the schedule in
-protocol/credit.py says, so at most about one window is ever at risk.
+The session only moves messages: every rule of a job (the quote's checks,
+when to pay and how much, what the caller is told) is decided by
+protocol/broadcaster_job.py, so at most about one window is ever at risk.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,45 +21,26 @@ import anyio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from broadcaster.events import (
-    Accepted,
-    Event,
-    JobError,
-    JobResult,
-    PaymentSent,
-    PreviewFrame,
-    ProgressUpdate,
-)
-from broadcaster.rate import StepRate
 from pipelines.errors import InvalidRequest
 from pipelines.requests import output_shape
+from protocol.broadcaster_job import BroadcasterJob, Emit, SendCancel, SendPayment, check_offer
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES, check
 from protocol.connection import Connection
-from protocol.credit import PaymentSchedule, ev_fits_window
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.job_events import Event, JobError
 from protocol.messages import (
     Cancel,
-    Cancelled,
     Capability,
-    Credit,
     Error,
     Hello,
     Info,
-    JobAccepted,
     JobParams,
     JobRequest,
     Message,
-    Preview,
-    Progress,
-    Result,
     ResumeFrom,
     Role,
-    TicketParams,
 )
-from protocol.pm import ticket_ev
 from protocol.sender import TicketSender
-
-MAX_TICKETS_PER_PAYMENT = 1024
 
 
 class SessionError(Exception):
@@ -92,7 +72,7 @@ class BroadcasterSession:
         self._ws: ClientConnection | None = None
         self._conn = Connection(Role.BROADCASTER)
         self._lock = anyio.Lock()
-        self._cancelled: set[str] = set()
+        self._jobs: dict[str, BroadcasterJob] = {}
 
     async def __aenter__(self) -> BroadcasterSession:
         try:
@@ -139,8 +119,12 @@ class BroadcasterSession:
         The job's stream then ends with a JobError whose code is `cancelled`
         (or with its result, if that crossed the cancel on the wire).
         """
-        self._cancelled.add(job_id)
-        await self._send(Cancel(job_id=job_id))
+        job = self._jobs.get(job_id)
+        if job is None:
+            await self._send(Cancel(job_id=job_id))
+            return
+        for out in job.cancel():
+            await self._perform(job, out)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ jobs
 
@@ -167,10 +151,9 @@ class BroadcasterSession:
         """
         job_id = job_id or uuid.uuid4().hex
         pipeline = pipeline or params.PIPELINE
-        refusal = self._check_offer(pipeline, model_id)
-        if refusal is not None:
-            yield JobError(job_id, refusal.code.value, refusal.message)
-            return
+        assert self.info is not None, "use the session inside `async with`"
+        capability = self.capability(pipeline, model_id)
+        refusal = check_offer(capability, pipeline, model_id, self.max_price)
         request = JobRequest(
             job_id=job_id,
             pipeline=pipeline,
@@ -184,201 +167,60 @@ class BroadcasterSession:
             resume=resume,
         )
         try:
+            if refusal is not None:
+                raise refusal
             check(request)
+            pixels = output_shape(params).pixels_per_step
         except ProtocolError as err:
-            yield JobError(job_id, err.code.value, err.message)
+            yield JobError(job_id=job_id, code=err.code.value, message=err.message)
             return
-        started = time.monotonic()
-        first_preview: float | None = None
-        rate = StepRate()
-        schedule: PaymentSchedule | None = None
-        accepted: JobAccepted | None = None
-        winners = 0
+        except InvalidRequest as exc:
+            yield JobError(job_id=job_id, code=ErrorCode.INVALID_REQUEST.value, message=str(exc))
+            return
+        assert capability is not None
+        job = BroadcasterJob(
+            request,
+            capability,
+            self.info.orchestrator,
+            pixels_per_step=pixels,
+            now=time.monotonic(),
+            max_price=self.max_price,
+            lead_steps=self.lead_steps,
+        )
+        self._jobs[job_id] = job
         try:
             await self._send(request)
-            while True:
+            while not job.ended:
                 message = await self._receive()
-                if isinstance(message, JobAccepted):
-                    problem = self._check_quote(request, message)
-                    if problem is not None:
-                        await self._send(Cancel(job_id=job_id))
-                        yield JobError(job_id, problem.code.value, problem.message)
-                        await self._drain_to_end()
-                        return
-                    accepted = message
-                    schedule = PaymentSchedule(
-                        fee_per_step=message.fee / message.steps,
-                        total_steps=message.steps,
-                        window_steps=message.window_steps,
-                        ticket_ev=ticket_ev(
-                            message.ticket_params.face_value, message.ticket_params.win_prob
-                        ),
-                        lead_steps=self.lead_steps,
-                    )
-                    rate.observe(time.monotonic(), 0)
-                    yield Accepted(
-                        job_id,
-                        message.steps,
-                        message.pixels_per_step,
-                        message.price_per_pixel_step,
-                        message.fee,
-                        message.window_steps,
-                        message.seed,
-                    )
-                    async for event in self._pay(accepted, schedule, delivered=0):
-                        yield event
-                elif isinstance(message, Progress):
-                    assert accepted is not None and schedule is not None
-                    if message.ticket_params is not None:
-                        # Fresh parameters before the old ones expire (spec 8.9).
-                        problem = self._check_params(accepted, message.ticket_params)
-                        if problem is not None:
-                            await self._send(Cancel(job_id=job_id))
-                            yield JobError(job_id, problem.code.value, problem.message)
-                            await self._drain_to_end()
-                            return
-                        accepted = dataclasses.replace(
-                            accepted, ticket_params=message.ticket_params
-                        )
-                        schedule.ticket_ev = ticket_ev(
-                            message.ticket_params.face_value, message.ticket_params.win_prob
-                        )
-                    rate.observe(time.monotonic(), message.step)
-                    yield ProgressUpdate(
-                        job_id,
-                        message.step,
-                        message.total_steps,
-                        rate.steps_per_second,
-                        rate.steps_per_second * accepted.pixels_per_step,
-                    )
-                    async for event in self._pay(accepted, schedule, delivered=message.step):
-                        yield event
-                elif isinstance(message, Preview):
-                    if first_preview is None:
-                        first_preview = time.monotonic() - started
-                    yield PreviewFrame(
-                        job_id,
-                        message.step,
-                        message.image,
-                        message.format,
-                        message.width,
-                        message.height,
-                        message.method,
-                        message.frames,
-                        message.latents,
-                    )
-                elif isinstance(message, Result):
-                    yield JobResult(
-                        job_id,
-                        message.images,
-                        message.steps,
-                        message.fee,
-                        schedule.paid if schedule else Fraction(0),
-                        schedule.tickets_sent if schedule else 0,
-                        time.monotonic() - started,
-                        first_preview,
-                        rate.steps_per_second,
-                        winners,
-                        message.frames,
-                        message.fps,
-                    )
-                    return
-                elif isinstance(message, Credit):
-                    winners += message.winners
-                elif isinstance(message, Cancelled):
-                    yield JobError(job_id, ErrorCode.CANCELLED.value, "the job was cancelled")
-                    return
-                elif isinstance(message, Error):
-                    yield JobError(job_id, message.code, message.message)
-                    return
+                for out in job.on_message(message, time.monotonic()):
+                    if isinstance(out, Emit):
+                        yield out.event
+                    else:
+                        await self._perform(job, out)
+                for out in job.payments():  # after the caller saw the events (a cancel)
+                    if isinstance(out, Emit):
+                        yield out.event
+                    else:
+                        await self._perform(job, out)
         except ProtocolError as err:
             await self._fail(err)
-            yield JobError(job_id, err.code.value, err.message)
+            for out in job.fail(err.code, err.message):
+                yield out.event  # type: ignore[union-attr]
         except TimeoutError:
-            yield JobError(
-                job_id,
-                ErrorCode.INTERNAL_ERROR.value,
-                f"no message from the orchestrator for {self.idle_timeout:g} s",
-            )
+            why = f"no message from the orchestrator for {self.idle_timeout:g} s"
+            for out in job.fail(ErrorCode.INTERNAL_ERROR, why):
+                yield out.event  # type: ignore[union-attr]
         except ConnectionClosed as exc:
-            yield JobError(job_id, ErrorCode.INTERNAL_ERROR.value, f"connection closed: {exc}")
+            for out in job.fail(ErrorCode.INTERNAL_ERROR, f"connection closed: {exc}"):
+                yield out.event  # type: ignore[union-attr]
+        finally:
+            self._jobs.pop(job_id, None)
 
-    async def _pay(
-        self, accepted: JobAccepted, schedule: PaymentSchedule, delivered: int
-    ) -> AsyncIterator[Event]:
-        if accepted.job_id in self._cancelled:
-            return
-        due = schedule.tickets_due(delivered)
-        while due > 0:
-            count = min(due, MAX_TICKETS_PER_PAYMENT)
-            payment = self.sender.pay(accepted.job_id, accepted.ticket_params, count)
-            await self._send(payment)
-            schedule.record_sent(count)
-            due -= count
-            yield PaymentSent(
-                accepted.job_id, count, schedule.tickets_sent, schedule.paid, accepted.fee
-            )
-
-    def _check_offer(self, pipeline: str, model_id: str) -> ProtocolError | None:
-        cap = self.capability(pipeline, model_id)
-        if cap is None:
-            return ProtocolError(
-                ErrorCode.UNKNOWN_MODEL, f"the orchestrator does not offer {pipeline} {model_id}"
-            )
-        if self.max_price is not None and cap.price_per_pixel_step > self.max_price:
-            return ProtocolError(
-                ErrorCode.PRICE_TOO_HIGH,
-                f"price {float(cap.price_per_pixel_step):g} wei per pixel-step is above "
-                f"the maximum {float(self.max_price):g}",
-            )
-        return None
-
-    def _check_quote(self, request: JobRequest, quote: JobAccepted) -> ProtocolError | None:
-        """The quote must match the advertisement, the request and our ceiling."""
-        assert self.info is not None
-        cap = self.capability(request.pipeline, request.model_id)
-        assert cap is not None
-        p = request.params
-        try:
-            pixels = output_shape(p).pixels_per_step
-        except InvalidRequest as exc:
-            return ProtocolError(ErrorCode.INVALID_REQUEST, f"cannot check the quote: {exc}")
-        if quote.price_per_pixel_step != cap.price_per_pixel_step or (
-            self.max_price is not None and quote.price_per_pixel_step > self.max_price
-        ):
-            return ProtocolError(ErrorCode.PRICE_TOO_HIGH, "quoted price differs from the offer")
-        if (
-            quote.pixels_per_step != pixels
-            or quote.fee != pixels * quote.steps * cap.price_per_pixel_step
-        ):
-            return ProtocolError(ErrorCode.PRICE_TOO_HIGH, "quoted fee does not match the request")
-        problem = self._check_params(quote, quote.ticket_params)
-        if problem is not None:
-            return problem
-        already_done = request.resume.step if request.resume else 0
-        if quote.steps > p.num_inference_steps - already_done:
-            return ProtocolError(ErrorCode.INVALID_REQUEST, "quote charges more steps than asked")
-        return None
-
-    def _check_params(self, quote: JobAccepted, tp: TicketParams) -> ProtocolError | None:
-        """Parameters must name this orchestrator and make a ticket worth one window."""
-        assert self.info is not None
-        window_fee = quote.fee / quote.steps * min(quote.window_steps, quote.steps)
-        if tp.recipient != self.info.orchestrator or tp.win_prob == 0:
-            return ProtocolError(ErrorCode.INVALID_TICKET_PARAMS, "ticket parameters are unusable")
-        if not ev_fits_window(ticket_ev(tp.face_value, tp.win_prob), window_fee):
-            return ProtocolError(
-                ErrorCode.INVALID_TICKET_PARAMS,
-                "one ticket would be worth more than one window of the job",
-            )
-        return None
-
-    async def _drain_to_end(self) -> None:
-        """After cancelling, read until the orchestrator ends the job."""
-        while True:
-            message = await self._receive()
-            if isinstance(message, Result | Cancelled | Error):
-                return
+    async def _perform(self, job: BroadcasterJob, out: SendPayment | SendCancel) -> None:
+        if isinstance(out, SendPayment):
+            await self._send(self.sender.pay(job.job_id, out.params, out.count))
+        else:
+            await self._send(Cancel(job_id=job.job_id))
 
     # -------------------------------------------------------------- transport
 
@@ -393,7 +235,11 @@ class BroadcasterSession:
             frame = await self._ws.recv()
         if isinstance(frame, str):
             raise ProtocolError(ErrorCode.MALFORMED_FRAME, "text frame from the orchestrator")
-        return self._conn.receive(frame)
+        message = self._conn.receive(frame)
+        if isinstance(message, Error) and message.job_id is None:
+            # The orchestrator ended the connection (spec 3.3): close our side too.
+            await self._ws.close()
+        return message
 
     async def _fail(self, err: ProtocolError) -> None:
         if self._ws is not None:

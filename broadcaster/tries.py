@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from broadcaster.events import Accepted, JobError, JobResult
-from broadcaster.rate import StepRate
 from protocol.errors import ErrorCode
+from protocol.job_events import Accepted, JobError, JobResult
+from protocol.rate import StepRate
 
 QUOTE_ERRORS = frozenset({ErrorCode.PRICE_TOO_HIGH.value, ErrorCode.INVALID_TICKET_PARAMS.value})
 
@@ -71,15 +71,15 @@ def job_result(job_id: str, tries: list[Try], started: float) -> JobResult:
     earlier = tries[:-1]
     first_previews = [t.first_preview for t in tries if t.first_preview is not None]
     return JobResult(
-        job_id,
-        final.images,
-        tries[-1].offset + final.steps,
-        final.fee + sum((t.step_fee * t.delivered for t in earlier), Fraction(0)),
-        sum((t.paid for t in tries), Fraction(0)),
-        sum(t.tickets for t in tries),
-        time.monotonic() - started,
-        first_previews[0] if first_previews else None,
-        final.steps_per_second,
+        job_id=job_id,
+        images=final.images,
+        steps=tries[-1].offset + final.steps,
+        fee=final.fee + sum((t.step_fee * t.delivered for t in earlier), Fraction(0)),
+        ev_paid=sum((t.paid for t in tries), Fraction(0)),
+        tickets_sent=sum(t.tickets for t in tries),
+        seconds=time.monotonic() - started,
+        time_to_first_preview=first_previews[0] if first_previews else None,
+        steps_per_second=final.steps_per_second,
         winners=final.winners,
         frames=final.frames,
         fps=final.fps,

@@ -10,7 +10,9 @@ from protocol.connection import Connection, State
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Message
 
+CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 
 
@@ -52,5 +54,21 @@ class Peer:
             try:
                 await self.ws.send(self.conn.error_frame(error))
                 await self.ws.close(code, error.code.value)
+            except ConnectionClosed:
+                pass
+
+    async def close_idle(self, why: str) -> None:
+        """End a connection that waited too long for hello or a job (spec 3.5)."""
+        await self._end(ErrorCode.IDLE_TIMEOUT, why, CLOSE_NORMAL)
+
+    async def refuse(self, code: ErrorCode, why: str) -> None:
+        """Turn a connection away before hello (too many from one client, spec 3.5)."""
+        await self._end(code, why, CLOSE_POLICY)
+
+    async def _end(self, code: ErrorCode, why: str, close_code: int) -> None:
+        async with self._lock:
+            try:
+                await self.ws.send(self.conn.error_frame(ProtocolError(code, why)))
+                await self.ws.close(close_code, code.value)
             except ConnectionClosed:
                 pass

@@ -1,57 +1,42 @@
-"""The orchestrator's end of one runner connection: load, plan, and run jobs remotely.
+"""The orchestrator's end of one runner connection: load and plan, and each job's frames.
 
-Steps are granted as credit arrives: a grant never exceeds what the job's
-ledger covers (spec/RUNNER.md 4), and a `begin` for an ungranted step is a
-runner fault that ends the job. If the connection drops (the runner crashed
-or stopped answering health pings), every job on it ends with `runner_lost`.
+Load and plan are request and reply. A job's frames are routed, in order,
+into the inbox of the task that drives it (orchestrator/job_driver.py),
+which decides everything else. If the connection drops (the runner crashed
+or stopped answering health pings), every job inbox gets `RunnerLost`.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
-import math
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from PIL import Image
+from anyio.streams.memory import MemoryObjectSendStream
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pipelines.dispatch import JobOutput
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import AwaitingPayment, JobRequest, Progress
+from protocol.messages import JobRequest
 from protocol.runner import (
     AUTH_HEADER,
     FROM_RUNNER,
-    Awaiting,
-    Begin,
-    Done,
     Failed,
-    Grant,
     Load,
     Loaded,
     LoadFailed,
     Message,
     ModelState,
-    Output,
     Plan,
     Planned,
     Ready,
-    Run,
-    RunnerPreview,
-    Stop,
     Unload,
     Unloaded,
     decode,
     encode,
 )
-
-if TYPE_CHECKING:
-    from orchestrator.jobs import RunningJob
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +52,7 @@ class RunnerUnavailable(Exception):
 
 
 class RunnerLost(Exception):
-    """Queued into a job's stream when its runner's connection drops."""
+    """Queued into a job's inbox when its runner's connection drops."""
 
 
 class RunnerClient:
@@ -125,7 +110,7 @@ class RunnerClient:
         finally:
             self.closed.set()
             for stream in [*self._jobs.values(), *self._replies.values()]:
-                stream.send_nowait(RunnerLost(f"runner {self.name} went away"))
+                _deliver(stream, RunnerLost(f"runner {self.name} went away"))
 
     async def aclose(self) -> None:
         if self._ws is not None:
@@ -145,12 +130,12 @@ class RunnerClient:
         else:
             stream = self._jobs.get(getattr(message, "job_id", None) or _preview_job(message))
             if stream is not None:
-                stream.send_nowait(message)
+                _deliver(stream, message)
 
     def _reply(self, key: tuple[str, str], message: Message) -> None:
         stream = self._replies.get(key)
         if stream is not None:
-            stream.send_nowait(message)
+            _deliver(stream, message)
 
     async def _send(self, message: Message) -> None:
         if self._ws is None or self.closed.is_set():
@@ -196,143 +181,24 @@ class RunnerClient:
 
     # ------------------------------------------------------------------ jobs
 
-    async def execute(self, job: RunningJob) -> JobOutput:
-        """Run `job` on the runner, granting steps as its credit covers them."""
-        from orchestrator.jobs import JobStopped
+    def open_job(self, job_id: str, inbox: MemoryObjectSendStream[Any]) -> None:
+        """Route the runner's frames for `job_id` into `inbox` (and RunnerLost if it goes)."""
+        self._jobs[job_id] = inbox
+        if self.closed.is_set():
+            _deliver(inbox, RunnerLost(f"runner {self.name} went away"))
 
-        job_id = job.request.job_id
-        send, receive = anyio.create_memory_object_stream[Any](math.inf)
-        self._jobs[job_id] = send
-        try:
-            return await self._drive(job, receive)
-        except RunnerUnavailable as exc:
-            raise JobStopped(ProtocolError(ErrorCode.RUNNER_LOST, str(exc))) from None
-        finally:
-            self._jobs.pop(job_id, None)
+    def close_job(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
 
-    async def _drive(self, job: RunningJob, receive: MemoryObjectReceiveStream[Any]) -> JobOutput:
-        from orchestrator.jobs import JobStopped
-
-        pump = _GrantPump(self, job)
-        await self._send(Run(job.request, job.seed, pump.granted))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pump.run)
-            outcome = await self._consume(job, receive, pump)
-            tg.cancel_scope.cancel()
-        if isinstance(outcome, ProtocolError):
-            raise JobStopped(outcome)
-        return outcome
-
-    async def _consume(
-        self, job: RunningJob, receive: MemoryObjectReceiveStream[Any], pump: _GrantPump
-    ) -> JobOutput | ProtocolError:
-        """Act on the job's frames until its output or its end; never raises."""
-        req, ledger = job.request, job.ledger
-        async for message in receive:
-            if isinstance(message, RunnerLost):
-                return ProtocolError(ErrorCode.RUNNER_LOST, f"{message} during the job")
-            if isinstance(message, Begin):
-                try:
-                    job.record_step(message.step)
-                except (ValueError, ProtocolError) as exc:
-                    job.stop(ProtocolError(ErrorCode.INTERNAL_ERROR, f"runner fault: {exc}"))
-            elif isinstance(message, Awaiting):
-                await pump.awaiting(message.next_step)
-            elif isinstance(message, RunnerPreview):
-                await job.forward(message.preview)
-            elif isinstance(message, Done):
-                progress = Progress(
-                    job_id=req.job_id,
-                    step=message.step,
-                    total_steps=ledger.total_steps,
-                    covered_steps=ledger.covered_steps,
-                )
-                await job.forward(progress)
-            elif isinstance(message, Failed):
-                return job.stop_reason or ProtocolError(_code(message.code), message.message)
-            elif isinstance(message, Output):
-                try:
-                    images = [Image.open(io.BytesIO(png)) for png in message.images]
-                    for image in images:
-                        image.load()
-                except Exception as exc:
-                    return ProtocolError(ErrorCode.PIPELINE_FAILED, f"runner output: {exc}")
-                return JobOutput(images, message.video, message.fps)
-        return ProtocolError(ErrorCode.RUNNER_LOST, "runner stream ended")
+    async def send(self, message: Message) -> None:
+        """Send a frame to the runner; RunnerUnavailable when it is gone."""
+        await self._send(message)
 
 
-class _GrantPump:
-    """Grants steps as the job's credit covers them; stops the job on payment timeout."""
-
-    def __init__(self, client: RunnerClient, job: RunningJob) -> None:
-        self.client = client
-        self.job = job
-        self.granted = job.ledger.covered_steps
-        self._deadline: float | None = None
-        self._waiting_for = 0
-        self._stop_sent = False
-
-    async def awaiting(self, step: int) -> None:
-        """The runner paused before `step`: tell the broadcaster, start the payment clock."""
-        job = self.job
-        covered = job.ledger.covered_steps
-        if step <= covered:
-            return  # a grant is already on its way
-        self._waiting_for = step
-        self._deadline = time.monotonic() + job.payment_timeout
-        await job.forward(
-            AwaitingPayment(
-                job_id=job.request.job_id,
-                next_step=step,
-                covered_steps=covered,
-                timeout_ms=int(job.payment_timeout * 1000),
-            )
-        )
-        job.wake()
-
-    async def run(self) -> None:
-        try:
-            await self._pump()
-        except RunnerUnavailable as exc:
-            stream = self.client._jobs.get(self.job.request.job_id)
-            if stream is not None:
-                stream.send_nowait(RunnerLost(str(exc)))
-
-    async def _pump(self) -> None:
-        job, job_id = self.job, self.job.request.job_id
-        while True:
-            changed = job.changed
-            reason = job.stop_reason
-            if reason is not None:
-                if not self._stop_sent:
-                    self._stop_sent = True
-                    await self.client._send(Stop(job_id, reason.code.value, reason.message[:1024]))
-                await changed.wait()
-                continue
-            covered = job.ledger.covered_steps
-            if covered > self.granted:
-                self.granted = covered
-                await self.client._send(Grant(job_id, covered))
-            if self._deadline is not None and self._waiting_for > covered:
-                with anyio.move_on_after(max(0.0, self._deadline - time.monotonic())):
-                    await changed.wait()
-                    continue
-                job.stop(
-                    ProtocolError(
-                        ErrorCode.PAYMENT_TIMEOUT,
-                        f"no credit for step {self._waiting_for} within "
-                        f"{job.payment_timeout:g} s (credit covers {covered} steps)",
-                    )
-                )
-                continue
-            await changed.wait()
-
-
-def _code(value: str) -> ErrorCode:
-    try:
-        return ErrorCode(value)
-    except ValueError:
-        return ErrorCode.PIPELINE_FAILED
+def _deliver(stream: MemoryObjectSendStream[Any], item: object) -> None:
+    """Queue `item`, unless whoever read the stream has finished with it."""
+    with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+        stream.send_nowait(item)
 
 
 def _preview_job(message: Message) -> str | None:

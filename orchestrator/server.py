@@ -1,22 +1,23 @@
-"""The orchestrator: advertises what it runs, admits jobs, takes payment, runs steps.
+"""The orchestrator: advertises what it runs, admits jobs, takes payment, hands steps to runners.
 
 Every check that can refuse a job (pipeline, model, parameters, capacity,
-model loading) happens before the job is accepted, so a refused job has
-taken no payment. After acceptance, steps run only against credit
-(orchestrator/jobs.py).
+model loading, the runner's plan) happens before the job is accepted, so a
+refused job has taken no payment. After acceptance a JobDriver
+(orchestrator/job_driver.py) runs the job's state machine; this module only
+reads frames, checks tickets and routes what it learns to the job.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import hmac
 import logging
 import secrets
 import time
+from collections import Counter as Tally
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -26,43 +27,42 @@ import anyio.abc
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from orchestrator.admission import ModelSlot, Offers, check_request
 from orchestrator.config import ModelEntry
-from orchestrator.jobs import JobOutcome, RunningJob
+from orchestrator.connection_limits import ConnectionLimits
+from orchestrator.job_driver import JobDriver
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.peer import Peer
 from orchestrator.redeemer import Redeemer
-from orchestrator.resume import resume_point
 from orchestrator.runner_client import RunnerClient
 from orchestrator.runner_pool import RunnerPool, RunnerSettings, default_runner_devices
 from orchestrator.winners import WinnerQueue
-from pipelines.dispatch import executed_steps, supports
-from pipelines.errors import InvalidRequest, ModelNotFound
-from pipelines.loader import LoadedModel
-from pipelines.requests import OutputShape, output_shape
-from pipelines.resume import resume_scheduler_name
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
-from protocol.connection import Connection
-from protocol.credit import JobCredit, ticket_odds
+from protocol.connection import Connection, State
+from protocol.credit import ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
     Cancel,
     Capability,
-    Credit,
     Error,
     Hello,
     Info,
-    JobAccepted,
     JobRequest,
     Message,
     Payment,
     Preview,
-    Progress,
     Role,
     TicketParams,
     error_message,
 )
+from protocol.orchestrator_job import (
+    JobOutcome,
+    OrchestratorJob,
+    PaymentInput,
+    make_quote,
+    window_fee,
+)
 from protocol.pm import MAX_UINT256, address_of
-from protocol.pricing import job_fee
 from protocol.recipient import (
     NonceLedger,
     PaymentReceipt,
@@ -76,8 +76,6 @@ from stepstream.settlement import SECONDS_PER_BLOCK, Settlement, offchain_block
 
 log = logging.getLogger(__name__)
 
-PREVIEW_METHODS = frozenset({"latent_rgb", "taesd", "vae", "none"})
-PREVIEW_FORMATS = frozenset({"webp", "jpeg"})
 DEFAULT_FACE_VALUE = 10**15
 DEFAULT_TICKET_EV = 8 * 10**9  # go-livepeer's default ticket EV, for the info message
 DEFAULT_REDEEM_COST_MULTIPLIER = 100
@@ -104,37 +102,8 @@ class OrchestratorConfig:
     """Fresh ticket parameters go out when the job's expire within this many blocks."""
     runners: RunnerSettings | None = None
     """Managed runners; None: one per GPU, else one CPU slot (orchestrator/runner_pool.py)."""
-
-
-@dataclass
-class JobTickets:
-    """The ticket parameters a running job pays with, and what a window costs."""
-
-    sender: bytes
-    window_fee: Fraction
-    params: TicketParams
-
-
-@dataclass
-class ModelSlot:
-    """One offered (pipeline, model): its config, the loaded model, jobs in flight."""
-
-    entry: ModelEntry
-    model: LoadedModel | None = None
-    in_use: int = 0
-    load_lock: anyio.Lock = field(default_factory=anyio.Lock)
-    """`model` set: the model runs in this process (tests); else on a runner."""
-
-    def capability(self) -> Capability:
-        return Capability(
-            pipeline=self.entry.pipeline,
-            model_id=self.entry.model_id,
-            warm=self.model is not None,
-            capacity=self.entry.capacity,
-            in_use=self.in_use,
-            price_per_pixel_step=self.entry.price_per_pixel_step,
-            resume_scheduler=resume_scheduler_name(self.model.pipe) if self.model else "",
-        )
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Idle timeouts and the cap on connections per client address (spec 3.5)."""
 
 
 @dataclass
@@ -152,10 +121,19 @@ class Stats:
     params_refreshed: int = 0
 
 
-class Orchestrator:
-    job_class: type[RunningJob] = RunningJob
-    """What runs an admitted job; orchestrator/testing.py swaps in one that injects faults."""
+@dataclass
+class _Link:
+    """One broadcaster connection: its socket and state, and the job it runs now."""
 
+    peer: Peer
+    driver: JobDriver | None = None
+
+    def live_job(self, job_id: str) -> JobDriver | None:
+        d = self.driver
+        return d if d is not None and not d.ended and d.job.job_id == job_id else None
+
+
+class Orchestrator:
     def __init__(self, config: OrchestratorConfig) -> None:
         self.config = config
         self.address = address_of(config.private_key)
@@ -168,7 +146,7 @@ class Orchestrator:
             NonceLedger(),
             validity_blocks=config.ticket_validity_blocks,
         )
-        self.slots = {(e.pipeline, e.model_id): ModelSlot(e) for e in config.models}
+        self.offers = Offers.of(config.models)
         self.stats = Stats()
         self.metrics = OrchestratorMetrics()
         self.settlement = config.settlement or Settlement(config.current_block)
@@ -176,6 +154,15 @@ class Orchestrator:
         self.redeemer = Redeemer(self.winners, self.settlement)
         settings = config.runners or RunnerSettings(default_runner_devices())
         self.runners = RunnerPool(config.models, settings, self.metrics.runner_restarts.inc)
+        self._clients: Tally[str] = Tally()
+        """Open connections per client address."""
+        self.observers: list[Callable[[Message], Awaitable[None]]] = []
+        """Awaited after each job message reaches a broadcaster's socket, in order
+        (tests use it to break the wire at an exact step)."""
+
+    @property
+    def slots(self) -> dict[tuple[str, str], ModelSlot]:
+        return self.offers.slots
 
     def describe_settlement(self) -> str:
         """What happens to tickets here; logged at start-up (spec 8.6)."""
@@ -191,37 +178,42 @@ class Orchestrator:
         return max(self.config.face_value, cost * self.config.redeem_cost_multiplier)
 
     async def load_warm_models(self, on_loaded: Callable[[str], None] | None = None) -> None:
-        """Load every model marked warm before accepting connections.
+        """Load every model marked warm. One that fails is logged and left cold.
 
-        `on_loaded(model_id)` runs after each one (the CLI's progress bar).
+        `on_loaded(model_id)` runs after each attempt (the CLI's progress bar).
         """
         for slot in self.slots.values():
             if slot.entry.warm:
-                await self._ensure_loaded(slot)
+                try:
+                    await self._runner_for(slot)
+                except ProtocolError as err:
+                    log.error("cannot load warm model %s: %s", slot.entry.model_id, err.message)
                 if on_loaded is not None:
                     on_loaded(slot.entry.model_id)
 
-    async def _ensure_loaded(self, slot: ModelSlot) -> LoadedModel | RunnerClient:
-        """The model in this process if one was put there, else the runner holding it."""
-        if slot.model is not None:
-            return slot.model
-        async with slot.load_lock:
-            model_id = slot.entry.model_id
-            if self.runners.state(model_id) is None:
-                log.info("loading model %s on a runner", model_id)
-            client, state = await self.runners.acquire(model_id)
-            log.info("%s ready on %s (loaded in %.2f s)", model_id, client.name, state.load_seconds)
-            return client
+    async def _runner_for(self, slot: ModelSlot) -> RunnerClient:
+        """The runner holding the slot's model, loading it first if it is cold."""
+        model_id = slot.entry.model_id
+        if self.runners.state(model_id) is None:
+            log.info("loading model %s on a runner", model_id)
+        client, state = await self.runners.acquire(model_id)
+        log.debug("%s ready on %s (loaded in %.2f s)", model_id, client.name, state.load_seconds)
+        return client
 
     def _advertise(self, slot: ModelSlot) -> Capability:
-        """The slot's capability: warm when loaded here or on a live runner, with its load time."""
-        cap = slot.capability()
-        if slot.model is not None:
-            return dataclasses.replace(cap, load_seconds=slot.model.load_seconds)
-        state = self.runners.state(slot.entry.model_id)
-        if state is None:
-            return cap
-        return dataclasses.replace(cap, warm=True, load_seconds=state.load_seconds)
+        """The slot's capability: warm when loaded on a live runner, with its load time."""
+        entry = slot.entry
+        state = self.runners.state(entry.model_id)
+        return Capability(
+            pipeline=entry.pipeline,
+            model_id=entry.model_id,
+            warm=state is not None,
+            capacity=entry.capacity,
+            in_use=slot.in_use,
+            price_per_pixel_step=entry.price_per_pixel_step,
+            resume_scheduler=state.resume_scheduler if state else "",
+            load_seconds=state.load_seconds if state else None,
+        )
 
     @contextlib.asynccontextmanager
     async def serve(self, host: str, port: int) -> AsyncIterator[Server]:
@@ -252,47 +244,78 @@ class Orchestrator:
     # ------------------------------------------------------------ connections
 
     async def handle(self, ws: ServerConnection) -> None:
+        client = _client_address(ws)
+        limits = self.config.limits
         peer = Peer(ws, Connection(Role.ORCHESTRATOR, self.config.max_frame_bytes))
-        current: list[RunningJob] = []
-        async with anyio.create_task_group() as tg:
-            try:
-                async for frame in ws:
-                    try:
-                        message = peer.decode(frame)
-                    except ProtocolError as err:
-                        log.info("closing connection: %s", err)
-                        await peer.fail(err)
-                        break
-                    await self._dispatch(peer, message, current, tg)
-            except ConnectionClosed:
-                pass
-            finally:
-                for job in current:
-                    job.stop(ProtocolError(ErrorCode.INTERNAL_ERROR, "connection closed"))
+        if self._clients[client] >= limits.max_connections_per_client:
+            await peer.refuse(
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"{client} already has {limits.max_connections_per_client} connections open",
+            )
+            return
+        self._clients[client] += 1
+        link = _Link(peer)
+        try:
+            async with anyio.create_task_group() as tg:
+                await self._converse(link, tg)
+                # Jobs end on their own once told the connection is gone.
+        finally:
+            self._clients[client] -= 1
+            if self._clients[client] <= 0:
+                del self._clients[client]
 
-    async def _dispatch(
-        self,
-        peer: Peer,
-        message: Message,
-        current: list[RunningJob],
-        tg: anyio.abc.TaskGroup,
-    ) -> None:
-        job = current[0] if current else None
+    async def _converse(self, link: _Link, tg: anyio.abc.TaskGroup) -> None:
+        peer, limits = link.peer, self.config.limits
+        try:
+            while True:
+                busy = link.driver is not None and not link.driver.ended
+                idle = limits.hello_timeout if peer.conn.state is State.AWAIT_HELLO else None
+                if idle is None and not busy:
+                    idle = limits.idle_timeout
+                frame = None
+                with anyio.move_on_after(idle if idle is not None else float("inf")):
+                    frame = await peer.ws.recv()
+                if frame is None:
+                    waited = "hello" if peer.conn.state is State.AWAIT_HELLO else "a job"
+                    await peer.close_idle(f"no {waited} within {idle:g} s")
+                    return
+                try:
+                    message = peer.decode(frame)
+                except ProtocolError as err:
+                    log.info("closing connection: %s", err)
+                    await peer.fail(err)
+                    return
+                if not await self._dispatch(link, message, tg):
+                    return
+        except ConnectionClosed:
+            pass
+        finally:
+            if link.driver is not None:
+                link.driver.disconnect("connection closed")
+
+    async def _dispatch(self, link: _Link, message: Message, tg: anyio.abc.TaskGroup) -> bool:
+        """Act on one message; False when the connection is over."""
+        peer = link.peer
         if isinstance(message, Hello):
             peer.sender = message.sender
             await peer.send(await self._info(message.sender))
         elif isinstance(message, JobRequest):
-            admitted = await self._admit(peer, message)
-            if admitted is not None:
-                current[:] = [admitted[0]]
-                tg.start_soon(self._run, *admitted)
+            driver = await self._admit(peer, message)
+            if driver is not None:
+                link.driver = driver
+                tg.start_soon(self._run, driver)
         elif isinstance(message, Payment):
-            await self._take_payment(peer, message, job)
+            await self._take_payment(link, message)
         elif isinstance(message, Cancel):
-            if job is not None and job.request.job_id == message.job_id:
-                job.stop(ProtocolError(ErrorCode.CANCELLED, "cancelled by the broadcaster"))
+            driver = link.live_job(message.job_id)
+            if driver is not None:
+                driver.cancel()
         elif isinstance(message, Error):
             log.info("broadcaster reported an error: %s %s", message.code, message.message)
+            if message.job_id is None:  # fatal (spec 3.3): the connection is over
+                await peer.ws.close()
+                return False
+        return True
 
     async def _info(self, sender: bytes) -> Info:
         face = await self.face_value()
@@ -313,67 +336,57 @@ class Orchestrator:
 
     # ------------------------------------------------------------ admission
 
-    async def _admit(self, peer: Peer, req: JobRequest) -> tuple[RunningJob, ModelSlot] | None:
+    async def _admit(self, peer: Peer, req: JobRequest) -> JobDriver | None:
         """Accept the job (quote + ticket params) or refuse it before any payment."""
         current_job_id.set(req.job_id)
+        slot: ModelSlot | None = None
         try:
-            slot, model, shape = await self._check(req)
-            runner = model if isinstance(model, RunnerClient) else None
-            local = None if isinstance(model, RunnerClient) else model
-            resume = resume_point(req, local)
-            params = req.params
-            steps = await runner.plan(req) if runner else executed_steps(params, local)
-            steps -= resume.step if resume else 0
+            slot = self.offers.slot_for(req)
+            shape = check_request(req)
+            slot.reserve()
         except ProtocolError as err:
-            self.stats.jobs_refused += 1
-            self.metrics.jobs.labels(req.pipeline, req.model_id, f"refused:{err.code.value}").inc()
-            log.info("job %s refused: %s", req.job_id, err)
-            await peer.send(error_message(err.code.value, err.message, req.job_id))
+            await self._refuse(peer, req, err)
             return None
-        pixels = shape.pixels_per_step
-        price = slot.entry.price_per_pixel_step
-        fee_per_step = job_fee(pixels, 1, price)
-        window_fee = fee_per_step * min(req.preview_every, steps)
         try:
-            tickets = JobTickets(
-                peer.sender, window_fee, await self._job_params(peer.sender, window_fee)
-            )
-        except ChainError as exc:
-            self.stats.jobs_refused += 1
-            await peer.send(
-                error_message(
-                    ErrorCode.INTERNAL_ERROR.value, f"chain unavailable: {exc}", req.job_id
-                )
-            )
+            runner = await self._runner_for(slot)
+            steps = await runner.plan(req)
+            price = slot.entry.price_per_pixel_step
+            fee = window_fee(price * shape.pixels_per_step, req.preview_every, steps)
+            params = await self._job_params(peer.sender, fee)
+        except ProtocolError as err:
+            slot.release()
+            await self._refuse(peer, req, err)
             return None
-        ticket_params = tickets.params
-        seed = params.seed if params.seed is not None else secrets.randbits(32)
-        job = self.job_class(
+        except ChainError as exc:
+            slot.release()
+            err = ProtocolError(ErrorCode.INTERNAL_ERROR, f"chain unavailable: {exc}")
+            await self._refuse(peer, req, err)
+            return None
+        seed = req.params.seed if req.params.seed is not None else secrets.randbits(32)
+        quote = make_quote(
             req,
-            local,
-            JobCredit(fee_per_step, steps),
-            seed,
-            lambda m: self._send_job_message(peer, req, tickets, m),
-            self.config.payment_timeout,
-            runner,
-            resume=resume,
+            steps=steps,
+            pixels_per_step=shape.pixels_per_step,
+            price_per_pixel_step=price,
+            seed=seed,
+            ticket_params=params,
         )
-        slot.in_use += 1
+        job = OrchestratorJob(
+            req,
+            quote,
+            payment_timeout=self.config.payment_timeout,
+            refresh_blocks=self.config.refresh_blocks,
+        )
         self.stats.jobs_accepted += 1
-        await peer.send(
-            JobAccepted(
-                job_id=req.job_id,
-                steps=steps,
-                pixels_per_step=pixels,
-                price_per_pixel_step=price,
-                fee=fee_per_step * steps,
-                window_steps=req.preview_every,
-                seed=seed,
-                ticket_params=ticket_params,
-            )
-        )
-        log.info("job %s accepted: %d steps, fee %.0f wei", req.job_id, steps, fee_per_step * steps)
-        return job, slot
+        await peer.send(quote)
+        log.info("job %s accepted: %d steps, fee %.0f wei", req.job_id, steps, quote.fee)
+        return JobDriver(job, peer, runner, _Host(self, slot, peer.sender))
+
+    async def _refuse(self, peer: Peer, req: JobRequest, err: ProtocolError) -> None:
+        self.stats.jobs_refused += 1
+        self.metrics.jobs.labels(req.pipeline, req.model_id, f"refused:{err.code.value}").inc()
+        log.info("job %s refused: %s", req.job_id, err)
+        await peer.send(error_message(err.code.value, err.message, req.job_id))
 
     async def _job_params(self, sender: bytes, window_fee: Fraction) -> TicketParams:
         """Parameters whose ticket is worth one window (spec 8.2), valid from this block."""
@@ -382,94 +395,29 @@ class Orchestrator:
             sender, face_value, win_prob, await self.current_block(), secrets.token_bytes(16)
         )
 
-    async def _send_job_message(
-        self, peer: Peer, req: JobRequest, tickets: JobTickets, message: Message
-    ) -> None:
-        """Send a job's message, counting preview bytes; a progress carries fresh
-        parameters near expiry (spec 8.9)."""
-        if isinstance(message, Preview):
-            self.metrics.preview_bytes.labels(req.pipeline, req.model_id).inc(len(message.image))
-        if isinstance(message, Progress):
-            left = tickets.params.expiration_block - await self.current_block()
-            if left <= self.config.refresh_blocks:
-                tickets.params = await self._job_params(tickets.sender, tickets.window_fee)
-                self.stats.params_refreshed += 1
-                message = dataclasses.replace(message, ticket_params=tickets.params)
-        await peer.send(message)
-
-    async def _check(
-        self, req: JobRequest
-    ) -> tuple[ModelSlot, LoadedModel | RunnerClient, OutputShape]:
-        slot = self.slots.get((req.pipeline, req.model_id))
-        if slot is None:
-            if not any(p == req.pipeline for p, _ in self.slots):
-                raise ProtocolError(
-                    ErrorCode.UNSUPPORTED_PIPELINE, f"pipeline {req.pipeline!r} is not offered here"
-                )
-            raise ProtocolError(
-                ErrorCode.UNKNOWN_MODEL, f"model {req.model_id!r} is not offered for {req.pipeline}"
-            )
-        if req.preview_method not in PREVIEW_METHODS:
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST,
-                f"preview_method must be one of {sorted(PREVIEW_METHODS)}",
-            )
-        if req.preview_format not in PREVIEW_FORMATS:
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST,
-                f"preview_format must be one of {sorted(PREVIEW_FORMATS)}",
-            )
-        try:
-            shape = output_shape(req.params)
-        except InvalidRequest as exc:
-            raise ProtocolError(ErrorCode.INVALID_REQUEST, str(exc)) from None
-        if req.preview_frame is not None and not (shape.video and req.preview_frame < shape.count):
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST,
-                f"preview_frame {req.preview_frame} is not a frame of this job's output",
-            )
-        if slot.in_use >= slot.entry.capacity:
-            raise ProtocolError(
-                ErrorCode.NO_CAPACITY,
-                f"{req.model_id} is running {slot.in_use} of {slot.entry.capacity} jobs",
-            )
-        try:
-            model = await self._ensure_loaded(slot)
-        except ModelNotFound as exc:
-            raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, str(exc)) from None
-        if isinstance(model, LoadedModel) and not supports(model, req.pipeline):
-            raise ProtocolError(
-                ErrorCode.MODEL_UNAVAILABLE, f"{req.model_id} cannot run {req.pipeline}"
-            )
-        return slot, model, shape
-
-    async def _run(self, job: RunningJob, slot: ModelSlot) -> None:
-        current_job_id.set(job.request.job_id)
-        started = time.monotonic()
-        try:
-            async with self.runners.use(slot.entry.model_id):
-                outcome = await job.run()
-        finally:
-            slot.in_use -= 1
-        self._observe(job.request, outcome, time.monotonic() - started)
-        self.stats.steps_executed += outcome.steps_executed
-        self.stats.outcomes.append(outcome)
-        self.stats.job_credit[job.request.job_id] = job.ledger.credit
-        log.info(
-            "job %s ended (%s) after %d steps",
-            job.request.job_id,
-            outcome.terminal,
-            outcome.steps_executed,
-        )
+    async def _run(self, driver: JobDriver) -> None:
+        current_job_id.set(driver.job.job_id)
+        async with self.runners.use(driver.job.request.model_id):
+            await driver.run()
 
     def _observe(self, req: JobRequest, outcome: JobOutcome, seconds: float) -> None:
         labels = (req.pipeline, req.model_id)
         m = self.metrics
-        m.jobs.labels(*labels, outcome.terminal).inc()
+        terminal = outcome.error_code if outcome.terminal == "error" else outcome.terminal
+        m.jobs.labels(*labels, terminal).inc()
         m.steps.labels(*labels).inc(outcome.steps_executed)
         if outcome.steps_executed and seconds > 0:
             m.step_seconds.labels(*labels).observe(seconds / outcome.steps_executed)
             m.steps_per_second.labels(*labels).observe(outcome.steps_executed / seconds)
+        self.stats.steps_executed += outcome.steps_executed
+        self.stats.outcomes.append(outcome)
+        self.stats.job_credit[req.job_id] = outcome.credit
+        log.info(
+            "job %s ended (%s) after %d steps",
+            req.job_id,
+            outcome.terminal,
+            outcome.steps_executed,
+        )
 
     # ------------------------------------------------------------ payments
 
@@ -501,7 +449,7 @@ class Orchestrator:
             self.redeemer.notify()
         return receipt
 
-    async def _take_payment(self, peer: Peer, payment: Payment, job: RunningJob | None) -> None:
+    async def _take_payment(self, link: _Link, payment: Payment) -> None:
         receipt = await self._receive_tickets(payment)
         self.stats.tickets_received += receipt.accepted
         self.stats.ev_received += receipt.ev
@@ -515,23 +463,47 @@ class Orchestrator:
                 winner.ticket.face_value,
             )
             self.stats.winners.append(winner)
-        live = (
-            job is not None and job.request.job_id == payment.job_id and not job.finished.is_set()
-        )
-        if not live:
+        driver = link.live_job(payment.job_id)
+        if driver is None:
             log.info("payment for ended job %s: %d tickets kept", payment.job_id, receipt.accepted)
             return
-        assert job is not None
-        covered = job.add_credit(receipt.ev)
-        await peer.send_if_allowed(
-            Credit(
-                job_id=payment.job_id,
-                credit=job.ledger.credit,
-                covered_steps=covered,
-                tickets_accepted=receipt.accepted,
-                winners=len(receipt.winners),
-            )
-        )
         if receipt.error is not None:
             log.info("job %s: payment refused: %s", payment.job_id, receipt.error)
-            job.stop(receipt.error)
+        driver.payment(
+            PaymentInput(receipt.ev, receipt.accepted, len(receipt.winners), receipt.error)
+        )
+
+
+@dataclass
+class _Host:
+    """The orchestrator as one job sees it (orchestrator/job_driver.py's JobHost)."""
+
+    orch: Orchestrator
+    slot: ModelSlot
+    sender: bytes
+    started: float = field(default_factory=time.monotonic)
+
+    async def current_block(self) -> int:
+        return await self.orch.current_block()
+
+    async def refreshed_params(self, job: OrchestratorJob) -> TicketParams:
+        self.orch.stats.params_refreshed += 1
+        return await self.orch._job_params(self.sender, job.window_fee)
+
+    def job_ended(self, job: OrchestratorJob, outcome: JobOutcome) -> None:
+        self.slot.release()
+        self.orch._observe(job.request, outcome, time.monotonic() - self.started)
+
+    async def sent(self, job: OrchestratorJob, message: Message) -> None:
+        if isinstance(message, Preview):
+            req = job.request
+            self.orch.metrics.preview_bytes.labels(req.pipeline, req.model_id).inc(
+                len(message.image)
+            )
+        for observe in self.orch.observers:
+            await observe(message)
+
+
+def _client_address(ws: ServerConnection) -> str:
+    remote = ws.remote_address
+    return str(remote[0]) if remote else "unknown"

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pipelines.job_pipeline import job_pipeline
 from pipelines.requests import decode_image, output_shape
+from pipelines.resume import ResumePoint, resuming_scheduler
 from pipelines.stepping import generators, step_callback
-from pipelines.text_to_image import job_pipeline
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -37,14 +38,27 @@ def video_steps(params: ImageToVideoParams, model: LoadedModel | None = None) ->
 
 
 def run_image_to_video(
-    model: LoadedModel, params: ImageToVideoParams, hooks: StepHooks, seed: int
+    model: LoadedModel,
+    params: ImageToVideoParams,
+    hooks: StepHooks,
+    seed: int,
+    resume: ResumePoint | None = None,
 ) -> list[Image.Image]:
-    """params.num_frames frames of width x height, in order, gated by `hooks`."""
+    """params.num_frames frames of width x height, in order, gated by `hooks`.
+
+    With `resume`, the run continues from the video latents after `resume.step`
+    steps; the conditioning (image embedding, noise-augmented image latents)
+    is recomputed from the same seed, so the result equals the uninterrupted run.
+    """
     shape = output_shape(params)
     image = decode_image(params.image, "image-to-video")
-    pipe = job_pipeline(model)
+    scheduler, start_latents, steps = None, None, video_steps(params, model)
+    if resume is not None:
+        scheduler = resuming_scheduler(model.pipe.scheduler, resume.step)
+        start_latents = resume.latents.to(model.device, model.dtype)
+        steps -= resume.step
     hooks.wait_for_step(1)
-    with torch.inference_mode():
+    with job_pipeline(model, scheduler) as pipe, torch.inference_mode():
         out = pipe(
             image,
             width=params.width,
@@ -56,8 +70,9 @@ def run_image_to_video(
             noise_aug_strength=params.noise_aug_strength,
             decode_chunk_size=DECODE_CHUNK_FRAMES,
             generator=generators(model.device, seed, 1)[0],
+            latents=start_latents,
             output_type="pil",
-            callback_on_step_end=step_callback(hooks, video_steps(params, model)),
+            callback_on_step_end=step_callback(hooks, steps),
             callback_on_step_end_tensor_inputs=["latents"],
         )
     frames: list[Image.Image] = list(out.frames[0])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from pipelines.devices import allocated_bytes, tensor_bytes
 from pipelines.errors import ModelNotFound
+from pipelines.job_pipeline import TokenizerPool
 from pipelines.tiny import TINY_SD, TINY_SDXL, build_tiny_sd, build_tiny_sdxl, quiet_diffusers
 from pipelines.tiny_svd import TINY_SVD, build_tiny_svd
 
@@ -55,6 +56,11 @@ class LoadedModel:
     """Memory the model holds on its device, measured at load (GPU allocator delta, else
     its tensors' bytes)."""
     offloaded: bool = False
+    tokenizers: TokenizerPool = field(init=False, repr=False)
+    """Each job in flight borrows its own tokenizers (pipelines/job_pipeline.py)."""
+
+    def __post_init__(self) -> None:
+        self.tokenizers = TokenizerPool(self.pipe)
 
 
 def default_device() -> str:

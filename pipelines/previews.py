@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protocol.messages import JobRequest, Latents, Preview
+from protocol.messages import JobRequest, Preview
 
 if TYPE_CHECKING:
     from pipelines.loader import LoadedModel
@@ -321,8 +321,7 @@ PREVIEW_MAX_BYTES = 256 * 1024
 class StepPreviews:
     """A job's previews: which steps get one (spec 9.3) and the preview itself.
 
-    Shared by jobs run in the orchestrator's process and on runners, so the
-    cadence, the noise scaling and the caps live in one place.
+    The cadence, the noise scaling and the caps live in one place.
     """
 
     def __init__(self, model: LoadedModel, request: JobRequest, total_steps: int) -> None:
@@ -339,8 +338,8 @@ class StepPreviews:
             step % req.preview_every == 0 or step == self.total_steps
         )
 
-    def message(self, step: int, latents: torch.Tensor, carried: Latents | None = None) -> Preview:
-        """The preview of `latents` after `step`, carrying `carried` for a resume (spec 15)."""
+    def message(self, step: int, latents: torch.Tensor) -> Preview:
+        """The preview of `latents` after `step`."""
         req = self.request
         scale = self._scales[min(step, len(self._scales) - 1)]
         shown = render_preview(
@@ -361,5 +360,4 @@ class StepPreviews:
             height=shown.height,
             method=None if shown.method == req.preview_method else shown.method,
             frames=shown.frames,
-            latents=carried,
         )

@@ -60,7 +60,12 @@ def _resuming_class(base: type) -> type:
         def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
             super().set_timesteps(*args, **kwargs)
             self.timesteps = self.timesteps[self.start_step :]
-            self.set_begin_index(self.start_step)
+            super().set_begin_index(self.start_step)
+
+        def set_begin_index(self, begin_index: int = 0) -> None:
+            # Pipelines count from their first timestep (SDXL sets 0 before its
+            # loop); here that timestep is step `start_step` of the schedule.
+            super().set_begin_index(self.start_step + begin_index)
 
     Resuming.__name__ = Resuming.__qualname__ = base.__name__
     return Resuming

@@ -9,13 +9,14 @@ run_text_to_image unchanged and the GPU stops within one step.
 
 from __future__ import annotations
 
-import copy
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from pipelines.errors import InvalidRequest
+from pipelines.job_pipeline import job_pipeline
 from pipelines.resume import ResumePoint, resuming_scheduler
+from pipelines.stepping import generators, step_callback
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -93,25 +94,6 @@ def validate_text_to_image(params: TextToImageParams) -> None:
         )
 
 
-def _generators(device: str, seed: int, count: int) -> list[torch.Generator]:
-    """Image i uses seed + i, as go-livepeer's ai-runner does, so any image can be redone alone."""
-    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(count)]
-
-
-def job_pipeline(model: LoadedModel) -> Any:
-    """A pipeline for one job: the model's weights, its own scheduler and run state.
-
-    A diffusers pipeline keeps per-run state (the scheduler's timesteps and
-    step index, guidance scale, interrupt flag), so two jobs on one model
-    would corrupt each other. A shallow copy with a fresh scheduler shares
-    the weights and isolates the rest.
-    """
-    pipe = copy.copy(model.pipe)
-    scheduler = model.pipe.scheduler
-    pipe.scheduler = type(scheduler).from_config(scheduler.config)
-    return pipe
-
-
 def run_text_to_image(
     model: LoadedModel,
     params: TextToImageParams,
@@ -129,23 +111,12 @@ def run_text_to_image(
     call executes: hook step k is step resume.step + k of the schedule.
     """
     validate_text_to_image(params)
-    pipe = job_pipeline(model)
-    start_latents = None
+    scheduler, start_latents = None, None
     if resume is not None:
-        pipe.scheduler = resuming_scheduler(pipe.scheduler, resume.step)
+        scheduler = resuming_scheduler(model.pipe.scheduler, resume.step)
         start_latents = resume.latents.to(model.device, model.dtype)
-
-    def on_step_end(_pipe: Any, i: int, _t: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        step = i + 1
-        hooks.on_step_end(step, callback_kwargs["latents"])
-        # The pipeline knows its real step count (see executed_steps).
-        total = getattr(_pipe, "num_timesteps", None) or params.num_inference_steps
-        if step < total:
-            hooks.wait_for_step(step + 1)
-        return callback_kwargs
-
     hooks.wait_for_step(1)
-    with torch.inference_mode():
+    with job_pipeline(model, scheduler) as pipe, torch.inference_mode():
         out = pipe(
             prompt=params.prompt,
             negative_prompt=params.negative_prompt or None,
@@ -154,10 +125,10 @@ def run_text_to_image(
             guidance_scale=params.guidance_scale,
             num_inference_steps=params.num_inference_steps,
             num_images_per_prompt=params.num_images_per_prompt,
-            generator=_generators(model.device, seed, params.num_images_per_prompt),
+            generator=generators(model.device, seed, params.num_images_per_prompt),
             latents=start_latents,
             output_type="pil",
-            callback_on_step_end=on_step_end,
+            callback_on_step_end=step_callback(hooks, executed_steps(params, model)),
             callback_on_step_end_tensor_inputs=["latents"],
         )
     images: list[Image.Image] = list(out.images)

@@ -17,6 +17,9 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_VERSION = "unsupported_version"
     INVALID_FIELD = "invalid_field"
     UNEXPECTED_MESSAGE = "unexpected_message"
+    # Connection limits (spec 3.5): the connection ends, nothing was wrong with a frame.
+    IDLE_TIMEOUT = "idle_timeout"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     # Job errors: end the job, the connection stays usable.
     UNKNOWN_JOB = "unknown_job"
     UNSUPPORTED_PIPELINE = "unsupported_pipeline"

@@ -297,6 +297,8 @@ class Progress(Message):
     covered_steps: UInt32
     ticket_params: TicketParams | None = None
     """Fresh parameters for this job, sent before the current ones expire (spec 8.9)."""
+    latents: Annotated[Latents | None, Added()] = None
+    """The job's state after this step, when it asked for it (spec 15.3)."""
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,6 @@ class Preview(Message):
     """The method that made this preview, when it differs from the request's (a fallback)."""
     frames: UInt32 = 1
     """Video frames shown: 1, or all of them as an animation (webp) or a grid (jpeg)."""
-    latents: Annotated[Latents | None, Added()] = None
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,10 @@ import msgpack
 
 from protocol.codec import _struct_codec, _unpack
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.fields import Bin, Float, Items, JobId, ModelId, Name, Str, UInt32, UInt64
-from protocol.messages import MAX_FRAMES, MAX_IMAGE_BYTES, JobRequest, Preview
+from protocol.fields import Float, Items, JobId, ModelId, Name, Str, UInt32, UInt64
+from protocol.messages import MAX_FRAMES, JobRequest, Latents, Preview, ResultImage
 
-RUNNER_PROTOCOL_VERSION = 1
+RUNNER_PROTOCOL_VERSION = 2
 AUTH_HEADER = "Authorization"
 """Handshake header carrying `Bearer <token>` (spec/RUNNER.md 2)."""
 Message = Any
@@ -39,6 +39,8 @@ class ModelState:
     load_seconds: Annotated[float, Float(0.0, 1e6)]
     footprint_bytes: UInt64
     """Memory the model holds on the runner's device, measured at load."""
+    resume_scheduler: Annotated[str, Str(0, 64)] = ""
+    """The scheduler a job of this model resumes with (PROTOCOL.md 15); empty: none."""
 
 
 # ----------------------------------------------------- runner -> orchestrator
@@ -105,11 +107,16 @@ class Begin:
 
 @dataclass(frozen=True)
 class Done:
-    """Step `step` is complete (its preview, if any, was sent just before)."""
+    """Step `step` is complete (its preview, if any, was sent just before).
+
+    `latents` (the state after the step) when the job asked for them and the
+    model can resume, so that another orchestrator can continue from here.
+    """
 
     TYPE: ClassVar[str] = "done"
     job_id: JobId
     step: UInt32
+    latents: Latents | None = None
 
 
 @dataclass(frozen=True)
@@ -120,11 +127,11 @@ class RunnerPreview:
 
 @dataclass(frozen=True)
 class Output:
-    """The job's images (or video frames, in order) as PNG bytes."""
+    """The job's images (or video frames, in order), as the result carries them."""
 
     TYPE: ClassVar[str] = "output"
     job_id: JobId
-    images: Annotated[tuple[Annotated[bytes, Bin(1, MAX_IMAGE_BYTES)], ...], Items(1, MAX_FRAMES)]
+    images: Annotated[tuple[ResultImage, ...], Items(1, MAX_FRAMES)]
     video: bool = False
     fps: UInt32 = 0
 

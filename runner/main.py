@@ -15,6 +15,7 @@ import sys
 import anyio
 
 from runner.args import TOKEN_ENV
+from runner.faults import FaultPlan
 from runner.server import RunnerConfig, RunnerServer
 
 log = logging.getLogger("stepstream.runner")
@@ -34,11 +35,19 @@ async def run_runner(args: argparse.Namespace) -> int:
     if not token:
         print(f"stepstream runner: a --token (or ${TOKEN_ENV}) is required", file=sys.stderr)
         return 2
+    try:
+        faults = FaultPlan.from_env()
+    except ValueError as exc:
+        print(f"stepstream runner: {exc}", file=sys.stderr)
+        return 2
+    if faults is not None:
+        log.warning("injecting faults into every job: %s", faults)
     config = RunnerConfig(
         device=args.device or default_device(),
         token=token,
         memory_budget=args.memory_budget,
         offload=args.offload,
+        faults=faults,
     )
     server = RunnerServer(config)
     async with anyio.create_task_group() as tg:

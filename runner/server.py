@@ -23,12 +23,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from pipelines.devices import device_memory_bytes
-from pipelines.dispatch import PIPELINES_BY_FAMILY, executed_steps, supports
+from pipelines.dispatch import PIPELINES_BY_FAMILY, executed_steps, resume_point, supports
 from pipelines.errors import ModelNotFound
 from pipelines.loader import LoadedModel, load_model
 from pipelines.requests import output_shape
+from pipelines.resume import resume_scheduler_name
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import JobRequest
 from protocol.runner import (
     AUTH_HEADER,
     TO_RUNNER,
@@ -49,7 +51,8 @@ from protocol.runner import (
     decode,
     encode,
 )
-from runner.job import RunnerJob
+from runner.faults import FaultPlan, Faults
+from runner.job import ConnectionLost, RunnerJob
 
 log = logging.getLogger(__name__)
 AGENT = "stepstream-runner/0.1"
@@ -64,6 +67,8 @@ class RunnerConfig:
     """Bytes models may use on the device; None: all of the GPU's (or system's) memory."""
     offload: bool = False
     """Sequential CPU offload (CUDA only), for cards too small for the model."""
+    faults: FaultPlan | None = None
+    """Faults injected into every job (runner/faults.py); None in production."""
 
 
 def model_state(model: LoadedModel) -> ModelState:
@@ -73,6 +78,7 @@ def model_state(model: LoadedModel) -> ModelState:
         pipelines=tuple(sorted(PIPELINES_BY_FAMILY.get(model.family, ()))),
         load_seconds=model.load_seconds,
         footprint_bytes=max(0, model.footprint_bytes),
+        resume_scheduler=resume_scheduler_name(model.pipe),
     )
 
 
@@ -81,6 +87,8 @@ class RunnerServer:
 
     def __init__(self, config: RunnerConfig) -> None:
         self.config = config
+        self.fired: list[str] = []
+        """Injected faults that fired, in order (runner/faults.py)."""
         self.models: dict[str, LoadedModel] = {}
         self._load_locks: dict[str, anyio.Lock] = {}
 
@@ -128,7 +136,10 @@ class RunnerServer:
 
         async def send(message: Message) -> None:
             async with lock:
-                await ws.send(encode(message))
+                try:
+                    await ws.send(encode(message))
+                except ConnectionClosed:
+                    raise ConnectionLost("orchestrator connection closed") from None
 
         ready = Ready(
             device=self.config.device,
@@ -169,11 +180,18 @@ class RunnerServer:
         elif isinstance(message, Plan):
             tg.start_soon(self._answer_plan, message, send)
         elif isinstance(message, Run):
-            tg.start_soon(self._run, message, jobs, send)
+            # Registered before this returns, so a grant or stop right behind the
+            # run (the next frame) always finds its job.
+            job = self._start(message, jobs, send, tg)
+            if job is not None:
+                tg.start_soon(self._run, job, jobs)
         elif isinstance(message, Grant):
             job = jobs.get(message.job_id)
             if job is not None:
-                job.grant(message.granted)
+                try:
+                    job.grant(message.granted)
+                except ProtocolError as err:
+                    log.warning("ignoring a grant for %s: %s", message.job_id, err)
         elif isinstance(message, Stop):
             job = jobs.get(message.job_id)
             if job is not None:
@@ -203,25 +221,43 @@ class RunnerServer:
             reply = Failed(req.job_id, ErrorCode.MODEL_UNAVAILABLE.value, f"{req.model_id} {why}")
         else:
             try:
-                output_shape(req.params)
-                steps = await anyio.to_thread.run_sync(executed_steps, req.params, model)
+                steps = await anyio.to_thread.run_sync(_plan, req, model)
             except Exception as exc:
                 reply = Failed(req.job_id, ErrorCode.INVALID_REQUEST.value, str(exc)[:1024])
             else:
                 reply = Planned(req.job_id, steps)
         await send(reply)
 
-    async def _run(self, run: Run, jobs: dict[str, RunnerJob], send: Send) -> None:
+    def _start(
+        self, run: Run, jobs: dict[str, RunnerJob], send: Send, tg: anyio.abc.TaskGroup
+    ) -> RunnerJob | None:
+        """The job for `run`, registered; None (and `failed` on its way) when it cannot run."""
         req = run.request
         model = self.models.get(req.model_id)
         if model is None or req.job_id in jobs:
             why = "is already running" if model is not None else f"{req.model_id} is not loaded"
             code = ErrorCode.MODEL_UNAVAILABLE.value
-            await send(Failed(req.job_id, code, f"job {req.job_id} {why}"))
-            return
-        job = RunnerJob(run, model, send)
+            tg.start_soon(send, Failed(req.job_id, code, f"job {req.job_id} {why}"))
+            return None
+        faults = None if self.config.faults is None else Faults(self.config.faults, self.fired)
+        job = RunnerJob(run, model, send, faults)
         jobs[req.job_id] = job
+        return job
+
+    async def _run(self, job: RunnerJob, jobs: dict[str, RunnerJob]) -> None:
         try:
             await job.run()
         finally:
-            jobs.pop(req.job_id, None)
+            jobs.pop(job.request.job_id, None)
+
+
+def _plan(req: JobRequest, model: LoadedModel) -> int:
+    """Steps the job executes here, from its resume point if it continues one (spec 15.4).
+
+    Raises InvalidRequest (or the pipeline's own errors) when it cannot run.
+    """
+    output_shape(req.params)
+    steps = executed_steps(req.params, model)
+    if req.resume is not None:
+        steps -= resume_point(req.params, req.resume, model).step
+    return steps

@@ -1,32 +1,38 @@
 """`stepstream bench failover`: how long a stall costs, and how much money, over repeated runs.
 
-Each run starts two orchestrators on loopback in this process: one stalls
-after step `--stall-after` (orchestrator/testing.py), the other is healthy.
-The runner puts all stake on the staller, so every job starts there and
-must fail over. Per run it reports the time from the stall (the last
-progress the staller sent) to the first progress from the new orchestrator,
-as a multiple of the run's median step interval, and the EV paid to the
-staller beyond the steps it delivered, in windows.
+Two `stepstream orchestrator` processes, each with its runner process, as
+operators run them: the runner of one stalls after step `--stall-after` of
+every job (runner/faults.py, set through $STEPSTREAM_RUNNER_FAULTS), the
+other is healthy. Each run puts all stake on the staller, so every job
+starts there and must fail over. Per run it reports the time from the stall
+(the last progress the staller sent) to the first progress from the new
+orchestrator, as a multiple of the run's median step interval, the EV paid
+to the staller beyond the steps it delivered, in windows, and whether the
+job resumed where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import secrets
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
+from tqdm import tqdm
 
 from broadcaster.discovery import Discovery
-from broadcaster.events import JobError, JobResult, OrchestratorChanged, ProgressUpdate
 from broadcaster.failover import FailoverPolicy, JobRunner
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import SelectionConfig, Weights
-from orchestrator.testing import FaultPlan, loopback_orchestrator
-from pipelines.loader import LoadedModel, load_model
+from protocol.job_events import JobError, JobResult, OrchestratorChanged, ProgressUpdate
 from protocol.messages import TextToImageParams
+from runner.faults import FAULTS_ENV, FaultPlan
+from stepstream.processes import model_entry, orchestrator_process
 
 
 @dataclass(frozen=True)
@@ -43,45 +49,40 @@ class FailoverRun:
 
 
 async def one_run(
-    model: LoadedModel, params: TextToImageParams, every: int, args: argparse.Namespace
+    urls: tuple[str, str], model_id: str, params: TextToImageParams, every: int, stall_floor: float
 ) -> FailoverRun:
-    plan = FaultPlan(stall_after=args.stall_after, step_seconds=args.step_seconds)
-    healthy = FaultPlan(step_seconds=args.step_seconds)
-    async with (
-        loopback_orchestrator(model, plan) as bad,
-        loopback_orchestrator(model, healthy) as good,
-    ):
-        key = secrets.token_bytes(32)
-        discovery = Discovery([bad.url, good.url], key)
-        await discovery.refresh()
-        metrics = MetricsStore()
-        for url in (bad.url, good.url):
-            metrics.record_speed(url, model.model_id, params.width * params.height * 10.0)
-        runner = JobRunner(
-            discovery,
-            key,
-            metrics=metrics,
-            selection=SelectionConfig(weights=Weights(1.0, 0.0, 0.0, 0.0), stakes={bad.url: 1}),
-            policy=FailoverPolicy(stall_floor=args.stall_floor),
-        )
-        arrivals: list[tuple[float, int]] = []
-        stall_at = recovered_at = None
-        change: OrchestratorChanged | None = None
-        result: JobResult | None = None
-        async for event in runner.generate(params, model_id=model.model_id, preview_every=every):
-            now = time.perf_counter()
-            if isinstance(event, ProgressUpdate):
-                if change is None:
-                    stall_at = now
-                elif recovered_at is None:
-                    recovered_at = now
-                arrivals.append((now, event.step))
-            elif isinstance(event, OrchestratorChanged):
-                change = event
-            elif isinstance(event, JobResult):
-                result = event
-            elif isinstance(event, JobError):
-                raise RuntimeError(f"bench job failed: {event.code}: {event.message}")
+    bad, good = urls
+    key = secrets.token_bytes(32)
+    discovery = Discovery([bad, good], key)
+    await discovery.refresh()
+    metrics = MetricsStore()
+    for url in (bad, good):
+        metrics.record_speed(url, model_id, params.width * params.height * 10.0)
+    runner = JobRunner(
+        discovery,
+        key,
+        metrics=metrics,
+        selection=SelectionConfig(weights=Weights(1.0, 0.0, 0.0, 0.0), stakes={bad: 1}),
+        policy=FailoverPolicy(stall_floor=stall_floor),
+    )
+    arrivals: list[tuple[float, int]] = []
+    stall_at = recovered_at = None
+    change: OrchestratorChanged | None = None
+    result: JobResult | None = None
+    async for event in runner.generate(params, model_id=model_id, preview_every=every):
+        now = time.perf_counter()
+        if isinstance(event, ProgressUpdate):
+            if change is None:
+                stall_at = now
+            elif recovered_at is None:
+                recovered_at = now
+            arrivals.append((now, event.step))
+        elif isinstance(event, OrchestratorChanged):
+            change = event
+        elif isinstance(event, JobResult):
+            result = event
+        elif isinstance(event, JobError):
+            raise RuntimeError(f"bench job failed: {event.code}: {event.message}")
     if change is None or result is None or stall_at is None or recovered_at is None:
         raise RuntimeError("the bench job did not fail over and finish")
     intervals = [
@@ -101,14 +102,7 @@ async def one_run(
     )
 
 
-async def bench_failover(
-    model: LoadedModel, params: TextToImageParams, runs: int, every: int, args: argparse.Namespace
-) -> list[FailoverRun]:
-    return [await one_run(model, params, every, args) for _ in range(runs)]
-
-
 def run_failover_bench(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
     params = TextToImageParams(
         prompt="a lighthouse at dusk",
         width=args.size,
@@ -116,16 +110,41 @@ def run_failover_bench(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         seed=1,
     )
-    runs = anyio.run(bench_failover, model, params, args.runs, args.preview_every, args)
+    stall = FaultPlan(stall_after=args.stall_after, step_seconds=args.step_seconds)
+    healthy = FaultPlan(step_seconds=args.step_seconds)
+    entries = [model_entry(args.model, capacity=1)]
+    runner_args = ["--runners", "1"]
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stepstream-fo-")))
+        print("starting two `stepstream orchestrator` processes, each with a runner", flush=True)
+        bad, good = (
+            stack.enter_context(
+                orchestrator_process(
+                    tmp,
+                    entries,
+                    name=name,
+                    extra_args=runner_args,
+                    env={FAULTS_ENV: plan.to_env()},
+                )
+            )
+            for name, plan in (("stalling", stall), ("healthy", healthy))
+        )
+        urls = (bad.url, good.url)
+        runs = [
+            anyio.run(one_run, urls, args.model, params, args.preview_every, args.stall_floor)
+            for _ in tqdm(range(args.runs), unit="run", desc="bench failover")
+        ]
     rec = [r.recovery_seconds for r in runs]
     steps = [r.recovery_in_steps for r in runs]
     step_s = statistics.median(r.median_step_seconds for r in runs)
     lost = [r.windows_paid_beyond_delivered for r in runs]
     kept = [r.windows_paid_beyond_kept for r in runs]
+    resumed = sum(r.resumed for r in runs)
     print(
         f"model {args.model}, {args.size}x{args.size}, {args.steps} steps, window "
         f"{args.preview_every} steps, stall after step {args.stall_after}, stall floor "
-        f"{args.stall_floor:g} s, {args.runs} runs, device {model.device}\n"
+        f"{args.stall_floor:g} s, {args.runs} runs; orchestrators and runners in their own "
+        "processes\n"
         f"  median step interval          {step_s * 1000:8.1f} ms\n"
         f"  stall -> next progress        median {statistics.median(rec) * 1000:8.1f} ms, "
         f"max {max(rec) * 1000:8.1f} ms\n"
@@ -134,6 +153,7 @@ def run_failover_bench(args: argparse.Namespace) -> int:
         f"  paid beyond delivered steps   median {statistics.median(lost):.2f} windows, "
         f"max {max(lost):.2f}\n"
         f"  paid beyond resumed-from step median {statistics.median(kept):.2f} windows, "
-        f"max {max(kept):.2f}   (resumed in {sum(r.resumed for r in runs)}/{len(runs)} runs)"
+        f"max {max(kept):.2f}\n"
+        f"  resumed in {resumed} of {len(runs)} runs"
     )
     return 0

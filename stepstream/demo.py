@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
 import anyio
 from PIL import Image
 
-from broadcaster.events import JobError, JobResult, PreviewFrame
 from broadcaster.session import BroadcasterSession
 from pipelines.tiny import TINY_SD
+from protocol.job_events import JobError, JobResult, PreviewFrame
 from protocol.messages import TextToImageParams
 from protocol.pm import address_of
 from stepstream.anvil import find_or_install_anvil, run_anvil
@@ -33,51 +30,12 @@ from stepstream.chain import SenderInfo, TicketBrokerClient, fund_account, http_
 from stepstream.demo_gateway import demo_gateway
 from stepstream.generate import image_path, preview_path
 from stepstream.keys import write_new_key
-from stepstream.processes import stepstream_process
+from stepstream.processes import orchestrator_process
 from stepstream.settlement import connect_chain
 
 STEPS, PREVIEW_EVERY, SIZE = 24, 4, 128
-PRICE_PER_UNIT = 4_768_371  # wei per output pixel, as in go-livepeer's examples
 ETH = 10**18
 DEPOSIT, RESERVE = ETH // 10, ETH // 10
-
-
-def write_ai_models(path: Path, price_per_unit: int = PRICE_PER_UNIT) -> Path:
-    """A go-livepeer aiModels.json offering the tiny model, warm."""
-    entry = {
-        "pipeline": "text-to-image",
-        "model_id": TINY_SD,
-        "warm": True,
-        "capacity": 1,
-        "price_per_unit": price_per_unit,
-        "pixels_per_unit": 1,
-    }
-    path.write_text(json.dumps([entry], indent=2))
-    return path
-
-
-@contextmanager
-def orchestrator_process(
-    out: Path, chain_flags: Sequence[str] = (), startup_timeout: float = 180.0
-) -> Iterator[str]:
-    """Run `stepstream orchestrator` on 127.0.0.1 and a free port; yield its ws:// URL.
-
-    Uses `out/orchestrator.key`, creating it if absent, and keeps winners
-    under `out/orchestrator-data`.
-    """
-    models = write_ai_models(out / "aiModels.json")
-    key = out / "orchestrator.key"
-    if not key.exists():
-        write_new_key(key)
-    args = [
-        "orchestrator", "--models", str(models), "--key", str(key),
-        "--host", "127.0.0.1", "--port", "0",
-        "--data-dir", str(out / "orchestrator-data"), *chain_flags,
-    ]  # fmt: skip
-    with stepstream_process(
-        args, "listening on ", out / "orchestrator.log", startup_timeout
-    ) as url:
-        yield url
 
 
 def save_strip(frames: list[Image.Image], path: Path) -> None:
@@ -123,7 +81,8 @@ async def run_demo_on_chain(out: Path, eth_url: str) -> int:
         num_inference_steps=STEPS,
         seed=42,
     )
-    with orchestrator_process(out, flags) as url:
+    with orchestrator_process(out, chain_flags=flags) as orchestrator:
+        url = orchestrator.url
         print(f"orchestrator listening at {url}, settling on {eth_url}")
         async with BroadcasterSession(url, key, max_price=Fraction(10**6)) as session:
             frames: list[Image.Image] = []

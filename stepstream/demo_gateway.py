@@ -31,7 +31,8 @@ def gateway_process(
     args = ["gateway", "--orchestrators", orchestrator_url, "--key", str(key)]
     args += ["--host", "127.0.0.1", "--port", "0", "--outputs", str(out / "gateway-outputs")]
     args += ["--metrics-db", str(out / "gateway-metrics.sqlite3")]
-    with stepstream_process(args, "gateway listening on ", out / "gateway.log", timeout) as url:
+    with stepstream_process(args, "gateway listening on ", out / "gateway.log", timeout) as child:
+        url = child.url
         yield url
 
 

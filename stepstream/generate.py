@@ -17,7 +17,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from broadcaster.discovery import Discovery, OrchestratorListError, parse_orchestrator_urls
-from broadcaster.events import (
+from broadcaster.failover import FailoverPolicy, JobRunner
+from broadcaster.metrics_store import MetricsStore
+from broadcaster.selection import PROFILES, SelectionConfig
+from protocol.errors import ErrorCode
+from protocol.job_events import (
     Accepted,
     JobError,
     JobResult,
@@ -26,10 +30,6 @@ from broadcaster.events import (
     PreviewFrame,
     ProgressUpdate,
 )
-from broadcaster.failover import FailoverPolicy, JobRunner
-from broadcaster.metrics_store import MetricsStore
-from broadcaster.selection import PROFILES, SelectionConfig
-from protocol.errors import ErrorCode
 from protocol.messages import TextToImageParams
 from protocol.pm import address_of
 from stepstream.chain import ChainError

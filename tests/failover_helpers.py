@@ -10,12 +10,12 @@ import numpy as np
 from PIL import Image
 
 from broadcaster.discovery import Discovery
-from broadcaster.events import Event, JobResult, OrchestratorChanged, PaymentSent, ProgressUpdate
 from broadcaster.failover import FailoverPolicy, JobRunner
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import SelectionConfig, Weights
 from broadcaster.suspension import Suspensions
 from pipelines.tiny import TINY_SD
+from protocol.job_events import Event, JobResult, OrchestratorChanged, PaymentSent, ProgressUpdate
 from protocol.messages import TextToImageParams
 
 TEST_POLICY = FailoverPolicy(stall_floor=10.0, first_step_timeout=60.0, max_orchestrators=3)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stepstream.demo import orchestrator_process
+from stepstream.processes import orchestrator_process
 
 
 def stepstream(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -24,7 +24,8 @@ def stepstream(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[
 
 @pytest.fixture(scope="module")
 def orchestrator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with orchestrator_process(tmp_path_factory.mktemp("orchestrator")) as url:
+    with orchestrator_process(tmp_path_factory.mktemp("orchestrator")) as child:
+        url = child.url
         yield url
 
 

@@ -1,8 +1,8 @@
 """Each failover trigger, over real websockets with the real tiny pipeline.
 
-The faulty orchestrator (orchestrator/testing.py) misbehaves right after
-step 4 with previews every 2 steps, so the broadcaster holds the latents of
-step 4 and the new orchestrator resumes from there.
+The faulty orchestrator (tests/loopback.py: faults in its runner, or on its
+wire) misbehaves right after step 4; every progress carries the latents, so
+the broadcaster holds step 4's and the new orchestrator resumes from there.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import secrets
 
 import pytest
 
-from broadcaster.events import Accepted, JobError, JobResult, OrchestratorChanged, ProgressUpdate
 from broadcaster.failover import FailoverPolicy
 from broadcaster.session import BroadcasterSession
-from orchestrator.testing import FaultPlan, loopback_orchestrator
 from pipelines.tiny import TINY_SD
+from protocol.job_events import Accepted, JobError, JobResult, OrchestratorChanged, ProgressUpdate
 from tests.failover_helpers import (
     assert_old_paid_at_most_one_window_ahead,
     collect,
@@ -24,6 +23,7 @@ from tests.failover_helpers import (
     small,
     split_at_change,
 )
+from tests.loopback import FaultPlan, WireFaults, loopback_orchestrator
 
 pytestmark = pytest.mark.anyio
 
@@ -41,23 +41,27 @@ async def uninterrupted(url: str) -> JobResult:
     ("plan", "reason"),
     [
         (FaultPlan(stall_after=4), "stall"),
-        (FaultPlan(close_after=4), "disconnect"),
-        (FaultPlan(crash_after=4), "disconnect"),
+        (WireFaults(close_after=4), "disconnect"),
+        (WireFaults(crash_after=4), "disconnect"),
         (FaultPlan(error_after=4), "error"),
-        (FaultPlan(malformed_after=4), "error"),
+        (WireFaults(malformed_after=4), "error"),
     ],
     ids=["stall", "disconnect", "crash", "error", "malformed"],
 )
-async def test_job_moves_and_resumes(tiny_model: object, plan: FaultPlan, reason: str) -> None:
+async def test_job_moves_and_resumes(
+    tiny_model: object, plan: FaultPlan | WireFaults, reason: str
+) -> None:
+    runner_faults = plan if isinstance(plan, FaultPlan) else None
+    wire = plan if isinstance(plan, WireFaults) else None
     async with (
-        loopback_orchestrator(tiny_model, plan) as bad,
+        loopback_orchestrator(tiny_model, runner_faults, wire=wire) as bad,
         loopback_orchestrator(tiny_model) as good,
     ):
         runner = await runner_trying_first(bad.url, [bad.url, good.url])
         events = await collect(runner, small(STEPS), EVERY)
         before, change, after = split_at_change(events)
         assert (change.old, change.new, change.reason) == (bad.url, good.url, reason)
-        assert bad.orch.log.fired
+        assert bad.fired
         result = events[-1]
         assert isinstance(result, JobResult) and result.steps == STEPS
 
@@ -71,7 +75,7 @@ async def test_job_moves_and_resumes(tiny_model: object, plan: FaultPlan, reason
         assert runner.suspensions.reason(good.url) is None
         assert runner.metrics.get(bad.url, TINY_SD).failures == 1
 
-        # Resumed from the last delivered preview: no delivered step ran twice.
+        # Resumed from the last delivered step: no delivered step ran twice.
         assert change.resumed and change.from_step == 4
         steps_seen = [e.step for e in events if isinstance(e, ProgressUpdate)]
         assert steps_seen == list(range(1, STEPS + 1))
@@ -122,7 +126,7 @@ async def test_restart_when_the_next_one_cannot_resume(tiny_model: object) -> No
 async def test_gives_up_naming_each_try(tiny_model: object) -> None:
     policy = FailoverPolicy(stall_floor=10.0, max_orchestrators=2)
     async with (
-        loopback_orchestrator(tiny_model, FaultPlan(crash_after=2)) as a,
+        loopback_orchestrator(tiny_model, wire=WireFaults(crash_after=2)) as a,
         loopback_orchestrator(tiny_model, FaultPlan(error_after=1)) as b,
         loopback_orchestrator(tiny_model) as c,
     ):
@@ -176,6 +180,6 @@ async def test_a_lone_orchestrator_that_failed_still_gets_the_next_job(tiny_mode
         failed = await collect(runner, small(3), 1)
         assert isinstance(failed[-1], JobError)
         assert runner.suspensions.reason(lone.url) is not None
-        lone.orch.plan = FaultPlan()  # it recovers
+        lone.plan = FaultPlan()  # it recovers
         events = await collect(runner, small(3), 1)
     assert isinstance(events[-1], JobResult)

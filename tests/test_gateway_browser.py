@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright
 
-from orchestrator.testing import FaultPlan, loopback_orchestrator
 from pipelines.loader import LoadedModel
 from pipelines.tiny import TINY_SD, TINY_SDXL
 from pipelines.tiny_svd import TINY_SVD
 from tests.conftest import RunningOrchestrator
 from tests.gateway_helpers import gateway_on_loopback
+from tests.loopback import WireFaults, loopback_orchestrator
 from tests.test_image_pipelines import image_bytes
 from tests.test_network_pipelines import orchestrator_with_all
 
@@ -145,7 +145,7 @@ async def test_page_shows_the_orchestrator_change_of_a_failover(
 ) -> None:
     """The orchestrator shown changes when the job moves, and the job still finishes."""
     async with (
-        loopback_orchestrator(tiny_model, FaultPlan(close_after=4)) as bad,
+        loopback_orchestrator(tiny_model, wire=WireFaults(close_after=4)) as bad,
         loopback_orchestrator(tiny_model) as good,
         gateway_on_loopback([bad.url, good.url], tmp_path / "outputs", first=bad.url) as gw,
         async_playwright() as pw,

@@ -19,10 +19,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from orchestrator.testing import FaultPlan, loopback_orchestrator
 from pipelines.loader import LoadedModel
 from pipelines.tiny import TINY_SD
 from tests.gateway_helpers import gateway_on_loopback, sse_events
+from tests.loopback import FaultPlan, WireFaults, loopback_orchestrator
 from tests.test_image_pipelines import image_bytes
 from tests.test_metrics import scrape, value
 
@@ -43,7 +43,7 @@ async def test_sse_job_moves_to_a_good_orchestrator_and_counts_both_payments(
     tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
     async with (
-        loopback_orchestrator(tiny_model, FaultPlan(close_after=FAULT_AT)) as bad,
+        loopback_orchestrator(tiny_model, wire=WireFaults(close_after=FAULT_AT)) as bad,
         loopback_orchestrator(tiny_model) as good,
         gateway_on_loopback([bad.url, good.url], tmp_path, first=bad.url) as gw,
         httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
@@ -66,7 +66,7 @@ async def test_sse_job_moves_to_a_good_orchestrator_and_counts_both_payments(
         after_metrics = await scrape(client, "/metrics")
         status = (await client.get(job["status_url"])).json()
 
-    assert bad.orch.log.fired == ["close"]
+    assert bad.fired == ["close"]
     first, move, rest = split_at_move(events)
     assert first[0]["type"] == "orchestrator_changed" and first[0]["reason"] == "selected"
     assert first[0]["url"] == bad.url
@@ -112,8 +112,8 @@ async def test_sse_job_moves_to_a_good_orchestrator_and_counts_both_payments(
 async def test_livepeer_routes_succeed_across_a_failover(
     tiny_model: LoadedModel, tmp_path: Path
 ) -> None:
-    """The REST call answers as if nothing happened: text-to-image (resumed) and
-    image-to-image (restarted: only text-to-image continues from latents)."""
+    """The REST call answers as if nothing happened: text-to-image and image-to-image
+    both resume from the last step delivered."""
     pipelines = ("text-to-image", "image-to-image")
     async with (
         loopback_orchestrator(tiny_model, FaultPlan(error_after=2), pipelines=pipelines) as bad,
@@ -123,7 +123,7 @@ async def test_livepeer_routes_succeed_across_a_failover(
     ):
         before = await scrape(client, "/metrics")
         t2i = {"prompt": "a lighthouse", "width": 64, "height": 64, "num_inference_steps": 4}
-        t2i["preview_every"] = 2  # latents at step 2, where the bad orchestrator fails
+        t2i["preview_every"] = 2
         response = await client.post("/text-to-image", json={**t2i, "seed": 3})
         assert response.status_code == 200, response.text
         png = await client.get(response.json()["images"][0]["url"])
@@ -148,12 +148,12 @@ async def test_livepeer_routes_succeed_across_a_failover(
             assert img.format == "PNG" and img.size == (64, 48)
         after = await scrape(client, "/metrics")
 
-    assert bad.orch.log.fired == ["error", "error"]
+    assert bad.fired == ["error", "error"]
     assert value(after, FAILOVERS) - value(before, FAILOVERS) == 2
     outcomes = good.orch.stats.outcomes
     assert [o.terminal for o in outcomes] == ["result", "result"]
-    # Text-to-image resumed after step 2 (2 steps left); image-to-image restarted (all 4).
-    assert [o.steps_executed for o in outcomes] == [2, 4]
+    # Both resumed after step 2: 2 steps left of 4 (image-to-image: within its tail).
+    assert [o.steps_executed for o in outcomes] == [2, 2]
     for pipeline in pipelines:
         labels = {"pipeline": pipeline, "model": TINY_SD, "outcome": "success"}
         name = "stepstream_gateway_jobs_total"

@@ -13,7 +13,11 @@ from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from broadcaster.events import (
+from broadcaster.session import BroadcasterSession
+from pipelines.tiny import TINY_SD
+from protocol import codec
+from protocol.connection import Connection
+from protocol.job_events import (
     Accepted,
     JobError,
     JobResult,
@@ -21,10 +25,6 @@ from broadcaster.events import (
     PreviewFrame,
     ProgressUpdate,
 )
-from broadcaster.session import BroadcasterSession
-from pipelines.tiny import TINY_SD
-from protocol import codec
-from protocol.connection import Connection
 from protocol.messages import (
     AwaitingPayment,
     Credit,

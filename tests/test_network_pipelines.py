@@ -16,7 +16,13 @@ from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from broadcaster.events import (
+from broadcaster.session import BroadcasterSession
+from orchestrator.config import ModelEntry
+from pipelines.loader import LoadedModel
+from pipelines.tiny import TINY_SD, TINY_SDXL
+from pipelines.tiny_svd import TINY_SVD
+from protocol import codec
+from protocol.job_events import (
     Accepted,
     JobError,
     JobResult,
@@ -24,13 +30,6 @@ from broadcaster.events import (
     PreviewFrame,
     ProgressUpdate,
 )
-from broadcaster.session import BroadcasterSession
-from orchestrator.config import ModelEntry
-from orchestrator.server import Orchestrator, OrchestratorConfig
-from pipelines.loader import LoadedModel
-from pipelines.tiny import TINY_SD, TINY_SDXL
-from pipelines.tiny_svd import TINY_SVD
-from protocol import codec
 from protocol.messages import (
     Error,
     ImageToImageParams,
@@ -40,6 +39,7 @@ from protocol.messages import (
     TextToImageParams,
 )
 from tests.conftest import PRICE, RunningOrchestrator
+from tests.loopback import loopback_orchestrator
 from tests.test_image_pipelines import image_bytes
 from tests.test_network import RawClient
 
@@ -66,12 +66,10 @@ async def orchestrator_with_all(
     entries = [
         ModelEntry(p, m, warm=True, capacity=2, price_per_pixel_step=PRICE) for p, m in OFFERS
     ]
-    config = OrchestratorConfig(models=entries, private_key=secrets.token_bytes(32))
-    orch = Orchestrator(replace(config, **overrides))
-    for (_pipeline, model_id), slot in orch.slots.items():
-        slot.model = models[model_id]
-    async with orch.serve("127.0.0.1", 0) as server:
-        yield RunningOrchestrator(orch, f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    async with loopback_orchestrator(
+        list(models.values()), entries=entries, **overrides
+    ) as running:
+        yield running
 
 
 @pytest.fixture

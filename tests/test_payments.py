@@ -9,18 +9,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import AsyncIterator
 from fractions import Fraction
 
 import anyio
 import pytest
 from websockets.asyncio.client import connect
 
-from broadcaster.events import JobError, JobResult, PaymentSent, PreviewFrame, ProgressUpdate
 from broadcaster.session import BroadcasterSession
 from pipelines.loader import LoadedModel
 from pipelines.tiny import TINY_SD
-from protocol.credit import PaymentSchedule
+from protocol.broadcaster_job import BroadcasterJob, SendCancel, SendPayment
+from protocol.job_events import JobError, JobResult, PaymentSent, PreviewFrame, ProgressUpdate
 from protocol.messages import (
     Credit,
     Error,
@@ -265,12 +264,14 @@ async def test_ticket_params_refresh_mid_job(tiny_model: LoadedModel) -> None:
 class UnderpayingSession(BroadcasterSession):
     """Pays the first window and then stops paying."""
 
-    async def _pay(
-        self, accepted: JobAccepted, schedule: PaymentSchedule, delivered: int
-    ) -> AsyncIterator:
-        if schedule.tickets_sent == 0:
-            async for event in super()._pay(accepted, schedule, 0):
-                yield event
+    paid = 0
+
+    async def _perform(self, job: BroadcasterJob, out: SendPayment | SendCancel) -> None:
+        if isinstance(out, SendPayment):
+            self.paid += 1
+            if self.paid > 1:
+                return
+        await super()._perform(job, out)
 
 
 async def test_underpaying_broadcaster_stops_at_the_credit_boundary(

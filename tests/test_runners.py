@@ -12,13 +12,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from broadcaster.events import JobError, JobResult, PaymentSent, ProgressUpdate
 from broadcaster.session import BroadcasterSession
 from orchestrator.config import ModelEntry
 from orchestrator.placement import DevicePool, Placement, Resident, place
@@ -27,6 +27,7 @@ from orchestrator.server import Orchestrator, OrchestratorConfig
 from pipelines.loader import LoadedModel
 from pipelines.tiny import TINY_SD
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.job_events import JobError, JobResult, PaymentSent, ProgressUpdate
 from protocol.messages import JobRequest, TextToImageParams
 from protocol.runner import (
     AUTH_HEADER,
@@ -48,7 +49,7 @@ from protocol.runner import (
     encode,
 )
 from runner.server import RunnerConfig, RunnerServer
-from tests.conftest import PRICE, RunningOrchestrator
+from tests.conftest import PRICE
 
 pytestmark = pytest.mark.anyio
 TOKEN = "test-runner-token"
@@ -196,13 +197,19 @@ def external_runner() -> Iterator[str]:
         proc.wait(timeout=WAIT)
 
 
+@dataclass
+class Served:
+    orch: Orchestrator
+    url: str
+
+
 @contextlib.asynccontextmanager
-async def orchestrator_with(entry: ModelEntry, **config: Any) -> AsyncIterator[RunningOrchestrator]:
+async def orchestrator_with(entry: ModelEntry, **config: Any) -> AsyncIterator[Served]:
     orch = Orchestrator(
         OrchestratorConfig(models=[entry], private_key=secrets.token_bytes(32), **config)
     )
     async with orch.serve("127.0.0.1", 0) as server:
-        yield RunningOrchestrator(orch, f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        yield Served(orch, f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}")
 
 
 async def run_job(url: str, params: TextToImageParams, **kw: Any) -> list[Any]:

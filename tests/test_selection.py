@@ -10,7 +10,6 @@ from fractions import Fraction
 import pytest
 
 from broadcaster.discovery import Discovery, OrchestratorStatus, parse_orchestrator_urls
-from broadcaster.events import JobResult
 from broadcaster.failover import JobRunner
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import (
@@ -21,10 +20,11 @@ from broadcaster.selection import (
     choose,
 )
 from broadcaster.suspension import Suspensions
-from orchestrator.testing import FaultPlan, loopback_orchestrator
 from pipelines.tiny import TINY_SD
+from protocol.job_events import JobResult
 from protocol.messages import Capability, Info, TicketParams
 from tests.failover_helpers import TEST_POLICY, collect, small
+from tests.loopback import FaultPlan, loopback_orchestrator
 
 PIXEL_STEPS = 64 * 64 * 8
 TP = TicketParams(bytes(20), 1, 1, bytes(32), bytes(32), 1)

@@ -25,16 +25,6 @@ import anyio
 import anyio.abc
 from PIL import Image
 
-from broadcaster.events import (
-    Accepted,
-    Event,
-    JobError,
-    JobResult,
-    OrchestratorChanged,
-    PaymentSent,
-    PreviewFrame,
-    ProgressUpdate,
-)
 from broadcaster.failover import JobRunner
 from broadcaster.gateway.errors import ApiError, from_job_error
 from broadcaster.gateway.hub import JobStream, JsonEvent
@@ -46,6 +36,16 @@ from broadcaster.gateway.storage import Storage
 from broadcaster.gateway.video import encode_mp4
 from broadcaster.job_control import JobControl
 from protocol.errors import ErrorCode
+from protocol.job_events import (
+    Accepted,
+    Event,
+    JobError,
+    JobResult,
+    OrchestratorChanged,
+    PaymentSent,
+    PreviewFrame,
+    ProgressUpdate,
+)
 from protocol.messages import JobParams
 from stepstream.logs import current_job_id
 

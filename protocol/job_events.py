@@ -1,4 +1,8 @@
-"""What a broadcaster session reports to its caller, one event per thing that happened."""
+"""What a broadcaster job reports to its caller, one event per thing that happened.
+
+Keyword-only, so that an event is never rebuilt from positional arguments
+that silently land in the wrong field.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from fractions import Fraction
 from protocol.messages import Latents, ResultImage
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Accepted:
     job_id: str
     steps: int
@@ -19,7 +23,7 @@ class Accepted:
     seed: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProgressUpdate:
     job_id: str
     step: int
@@ -27,9 +31,11 @@ class ProgressUpdate:
     steps_per_second: float
     """Moving average over recent progress events; 0.0 until two have arrived."""
     pixel_steps_per_second: float
+    latents: Latents | None = None
+    """The job's state after this step, when the job asked for it (spec 15.3)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PreviewFrame:
     job_id: str
     step: int
@@ -41,11 +47,9 @@ class PreviewFrame:
     """Set when the orchestrator used another method than asked (a fallback)."""
     frames: int = 1
     """Video frames shown (all of them animated or in a grid, or 1)."""
-    latents: Latents | None = None
-    """The job's state after this step, when the job asked for it (spec 15)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PaymentSent:
     job_id: str
     tickets: int
@@ -55,7 +59,7 @@ class PaymentSent:
     fee: Fraction
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobResult:
     job_id: str
     images: tuple[ResultImage, ...]
@@ -74,14 +78,14 @@ class JobResult:
     fps: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobError:
     job_id: str
     code: str
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OrchestratorChanged:
     """The job moved: `old` stopped being paid and was cancelled, `new` continues it.
 

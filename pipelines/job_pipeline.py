@@ -1,0 +1,66 @@
+"""A pipeline object for one job: the model's weights, with its own run state.
+
+A diffusers pipeline keeps per-run state: the scheduler's timesteps and step
+index, the guidance scale, the interrupt flag. The fast CLIP tokenizer keeps
+its padding and truncation settings on the object and every call rewrites
+them, `tokenize()` included, so two jobs sharing one tokenizer can swap
+settings and get a wrong image or a tensor-size error. A job therefore runs
+on a shallow copy of the pipeline with a fresh scheduler and tokenizers
+borrowed from a pool: each job in flight holds its own, and copies are made
+only when more jobs run at once than ever before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.loader import LoadedModel
+
+TOKENIZER_NAMES = ("tokenizer", "tokenizer_2")
+
+
+class TokenizerPool:
+    """Spare copies of one pipeline's tokenizers; a job borrows one set at a time."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+        self._names = [n for n in TOKENIZER_NAMES if getattr(pipe, n, None) is not None]
+        self._spare: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.copies = 0
+        """Sets made so far: the most jobs that ever held tokenizers at once."""
+
+    @contextlib.contextmanager
+    def borrowed(self) -> Iterator[dict[str, Any]]:
+        """A set of tokenizers no other job uses until this block ends."""
+        with self._lock:
+            tokenizers = self._spare.pop() if self._spare else None
+            if tokenizers is None:
+                self.copies += 1
+        if tokenizers is None:
+            tokenizers = {n: copy.deepcopy(getattr(self._pipe, n)) for n in self._names}
+        try:
+            yield tokenizers
+        finally:
+            with self._lock:
+                self._spare.append(tokenizers)
+
+
+@contextlib.contextmanager
+def job_pipeline(model: LoadedModel, scheduler: Any | None = None) -> Iterator[Any]:
+    """A copy of the model's pipeline for one job: a fresh scheduler (or `scheduler`)
+    and tokenizers of its own. The weights are shared; the copy is the job's for the block.
+    """
+    pipe = model.pipe
+    with model.tokenizers.borrowed() as tokenizers:
+        job = copy.copy(pipe)
+        base = pipe.scheduler
+        job.scheduler = scheduler or type(base).from_config(base.config)
+        for name, tokenizer in tokenizers.items():
+            setattr(job, name, tokenizer)
+        yield job
