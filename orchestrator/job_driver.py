@@ -79,6 +79,8 @@ class JobDriver:
         self.host = host
         self.clock = clock
         self.outcome: JobOutcome | None = None
+        self.done = anyio.Event()
+        """Set when the job has ended (its terminal message is on its way)."""
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[Any](math.inf)
         self._broadcaster_gone = False
 
@@ -105,14 +107,14 @@ class JobDriver:
 
     async def run(self) -> JobOutcome:
         job = self.job
-        self.runner.open_job(job.job_id, self._inbox_send)
+        self.runner.open_job(job.runner_job_id, self._inbox_send)
         try:
             await self._perform(job.start(self.clock()))
             while self.outcome is None:
                 item = await self._next()
                 await self._perform(await self._apply(item))
         finally:
-            self.runner.close_job(job.job_id)
+            self.runner.close_job(job.runner_job_id)
             self._inbox.close()
         return self.outcome
 
@@ -135,7 +137,7 @@ class JobDriver:
             return job.on_cancel(now)
         if isinstance(item, _Disconnect):
             self._broadcaster_gone = True
-            return job.on_disconnect(item.why)
+            return job.on_disconnect(item.why, now)
         if isinstance(item, RunnerLost):
             return job.on_runner_lost(f"{item} during the job")
         refresh = isinstance(item, Done) and job.phase is Phase.RUNNING
@@ -154,6 +156,7 @@ class JobDriver:
                 await self._to_broadcaster(out.message)
             elif isinstance(out, Ended):
                 self.outcome = out.outcome
+                self.done.set()
                 self.host.job_ended(self.job, out.outcome)
 
     async def _to_broadcaster(self, message: Any) -> None:

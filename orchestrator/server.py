@@ -10,6 +10,7 @@ reads frames, checks tickets and routes what it learns to the job.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -268,16 +269,18 @@ class Orchestrator:
         peer, limits = link.peer, self.config.limits
         try:
             while True:
-                busy = link.driver is not None and not link.driver.ended
-                idle = limits.hello_timeout if peer.conn.state is State.AWAIT_HELLO else None
-                if idle is None and not busy:
-                    idle = limits.idle_timeout
-                frame = None
-                with anyio.move_on_after(idle if idle is not None else float("inf")):
-                    frame = await peer.ws.recv()
+                driver = link.driver if link.driver is not None and not link.driver.ended else None
+                if peer.conn.state is State.AWAIT_HELLO:
+                    frame, waited = await _recv_within(peer, limits.hello_timeout), "hello"
+                elif driver is None:
+                    frame, waited = await _recv_within(peer, limits.idle_timeout), "job"
+                else:  # a job in flight has its own deadlines; idle counts from its end
+                    frame = await _recv_unless(peer, driver.done)
+                    if frame is None:
+                        continue
                 if frame is None:
-                    waited = "hello" if peer.conn.state is State.AWAIT_HELLO else "a job"
-                    await peer.close_idle(f"no {waited} within {idle:g} s")
+                    timeout = limits.hello_timeout if waited == "hello" else limits.idle_timeout
+                    await peer.close_idle(f"no {waited} within {timeout:g} s")
                     return
                 try:
                     message = peer.decode(frame)
@@ -347,9 +350,11 @@ class Orchestrator:
         except ProtocolError as err:
             await self._refuse(peer, req, err)
             return None
+        # B's job ids are unique on its connection only; the runner sees one of ours.
+        runner_job_id = secrets.token_hex(8)
         try:
             runner = await self._runner_for(slot)
-            steps = await runner.plan(req)
+            steps = await runner.plan(dataclasses.replace(req, job_id=runner_job_id))
             price = slot.entry.price_per_pixel_step
             fee = window_fee(price * shape.pixels_per_step, req.preview_every, steps)
             params = await self._job_params(peer.sender, fee)
@@ -376,9 +381,14 @@ class Orchestrator:
             quote,
             payment_timeout=self.config.payment_timeout,
             refresh_blocks=self.config.refresh_blocks,
+            runner_job_id=runner_job_id,
         )
+        try:
+            await peer.send(quote)
+        except BaseException:
+            slot.release()  # the broadcaster left before it heard the quote
+            raise
         self.stats.jobs_accepted += 1
-        await peer.send(quote)
         log.info("job %s accepted: %d steps, fee %.0f wei", req.job_id, steps, quote.fee)
         return JobDriver(job, peer, runner, _Host(self, slot, peer.sender))
 
@@ -502,6 +512,34 @@ class _Host:
             )
         for observe in self.orch.observers:
             await observe(message)
+
+
+async def _recv_within(peer: Peer, seconds: float) -> bytes | str | None:
+    """The next frame, or None after `seconds` (websockets' recv may be cancelled safely)."""
+    with anyio.move_on_after(seconds):
+        return await peer.ws.recv()
+    return None
+
+
+async def _recv_unless(peer: Peer, event: anyio.Event) -> bytes | str | None:
+    """The next frame, or None as soon as `event` is set (the job ended)."""
+    frame: bytes | str | None = None
+    closed: ConnectionClosed | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_event() -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(stop_on_event)
+        try:
+            frame = await peer.ws.recv()
+        except ConnectionClosed as exc:  # raised here, not wrapped in the group's error
+            closed = exc
+        tg.cancel_scope.cancel()
+    if closed is not None:
+        raise closed
+    return frame
 
 
 def _client_address(ws: ServerConnection) -> str:

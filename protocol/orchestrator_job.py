@@ -21,6 +21,7 @@ it the job ignores everything.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
@@ -149,15 +150,22 @@ class OrchestratorJob:
         *,
         payment_timeout: float,
         refresh_blocks: int = 10,
+        stop_timeout: float = 60.0,
+        runner_job_id: str | None = None,
     ) -> None:
         self.request = request
         self.job_id = request.job_id
+        self.runner_job_id = runner_job_id or request.job_id
+        """The job's id on its runner. B chooses `job_id`, unique only on its connection;
+        the runner needs one unique among every job of the orchestrator."""
         self.quote = quote
         fee_per_step = quote.price_per_pixel_step * quote.pixels_per_step
         self.ledger = JobCredit(fee_per_step, quote.steps)
         self.window_fee = window_fee(fee_per_step, quote.window_steps, quote.steps)
         self.payment_timeout = payment_timeout
         self.refresh_blocks = refresh_blocks
+        self.stop_timeout = stop_timeout
+        """Seconds the runner has to confirm a stop; after that the job ends without it."""
         self.ticket_params = quote.ticket_params
         """The parameters the job's payments use now (the quote's, or refreshed ones)."""
         self.phase = Phase.RUNNING
@@ -179,7 +187,8 @@ class OrchestratorJob:
             return []
         self._started = True
         self.granted = self.ledger.covered_steps
-        return [ToRunner(Run(self.request, self.quote.seed, self.granted))]
+        run = Run(dataclasses.replace(self.request, job_id=self.runner_job_id), self.quote.seed)
+        return [ToRunner(dataclasses.replace(run, granted=self.granted))]
 
     def on_payment(self, payment: PaymentInput, now: float) -> list[JobOutput]:
         """Credit a payment's EV: acknowledge it, grant what it covers, or stop on a fault."""
@@ -203,27 +212,32 @@ class OrchestratorJob:
         if self.phase is Phase.RUNNING:
             out += self._grant()
         if payment.error is not None:
-            out += self._stop(payment.error)
+            out += self._stop(payment.error, now)
         return out
 
     def on_cancel(self, now: float) -> list[JobOutput]:
-        return self._stop(ProtocolError(ErrorCode.CANCELLED, "cancelled by the broadcaster"))
+        return self._stop(ProtocolError(ErrorCode.CANCELLED, "cancelled by the broadcaster"), now)
 
-    def on_disconnect(self, why: str) -> list[JobOutput]:
+    def on_disconnect(self, why: str, now: float) -> list[JobOutput]:
         """The broadcaster's connection is gone: stop the runner (nobody pays any more)."""
-        return self._stop(ProtocolError(ErrorCode.INTERNAL_ERROR, f"connection lost: {why}"))
+        return self._stop(ProtocolError(ErrorCode.INTERNAL_ERROR, f"connection lost: {why}"), now)
 
     def on_deadline(self, now: float) -> list[JobOutput]:
-        """The clock reached `deadline`: no credit came for the step the runner waits at."""
-        if self.deadline is None or now < self.deadline or self.phase is not Phase.RUNNING:
+        """The clock reached `deadline`: no credit came for the step the runner waits at,
+        or the runner did not confirm a stop in time (it is then left to finish alone)."""
+        if self.deadline is None or now < self.deadline:
             return []
+        if self.phase is Phase.STOPPING:
+            assert self.stop_reason is not None
+            return self._end_with(self.stop_reason)
         step, covered = self._waiting_for, self.ledger.covered_steps
         return self._stop(
             ProtocolError(
                 ErrorCode.PAYMENT_TIMEOUT,
                 f"no credit for step {step} within {self.payment_timeout:g} s "
                 f"(credit covers {covered} steps)",
-            )
+            ),
+            now,
         )
 
     def on_runner_lost(self, why: str) -> list[JobOutput]:
@@ -238,11 +252,11 @@ class OrchestratorJob:
         if self.phase is Phase.ENDED:
             return []
         if isinstance(message, Begin):
-            return self._begin(message.step)
+            return self._begin(message.step, now)
         if isinstance(message, Awaiting):
             return self._awaiting(message.next_step, now)
         if isinstance(message, RunnerPreview):
-            return [ToBroadcaster(message.preview)]
+            return [ToBroadcaster(dataclasses.replace(message.preview, job_id=self.job_id))]
         if isinstance(message, Done):
             return self._done(message)
         if isinstance(message, RunnerOutput):
@@ -271,15 +285,16 @@ class OrchestratorJob:
         if covered <= self.granted:
             return []
         self.granted = covered
-        return [ToRunner(Grant(self.job_id, covered))]
+        return [ToRunner(Grant(self.runner_job_id, covered))]
 
-    def _begin(self, step: int) -> list[JobOutput]:
+    def _begin(self, step: int, now: float) -> list[JobOutput]:
         try:
             if step > self.granted:
                 raise ValueError(f"step {step} was never granted (granted {self.granted})")
             self.ledger.execute(step)
         except (ValueError, ProtocolError) as exc:
-            return self._stop(ProtocolError(ErrorCode.INTERNAL_ERROR, f"runner fault: {exc}"))
+            fault = ProtocolError(ErrorCode.INTERNAL_ERROR, f"runner fault: {exc}")
+            return self._stop(fault, now)
         return []
 
     def _awaiting(self, step: int, now: float) -> list[JobOutput]:
@@ -288,7 +303,7 @@ class OrchestratorJob:
         if step <= self.granted:
             # Our grant crossed the runner's wait on the wire; sending it again is
             # harmless (an equal grant is allowed) and means no grant is ever lost.
-            return [ToRunner(Grant(self.job_id, self.granted))]
+            return [ToRunner(Grant(self.runner_job_id, self.granted))]
         covered = self.ledger.covered_steps
         if self._waiting_for == step:
             return []
@@ -347,17 +362,19 @@ class OrchestratorJob:
 
     # ------------------------------------------------------------- ending
 
-    def _stop(self, reason: ProtocolError) -> list[JobOutput]:
-        """Ask the runner to stop before its next step; the job ends when it confirms."""
+    def _stop(self, reason: ProtocolError, now: float) -> list[JobOutput]:
+        """Ask the runner to stop before its next step; the job ends when it confirms
+        (or, should it never answer, after `stop_timeout`)."""
         if self.phase is not Phase.RUNNING:
             return []
         self.stop_reason = reason
         self.steps_at_stop = self.ledger.executed
-        self.deadline = None
+        self._waiting_for = None
         if not self._started:
             return self._end_with(reason)
+        self.deadline = now + self.stop_timeout
         self.phase = Phase.STOPPING
-        return [ToRunner(Stop(self.job_id, reason.code.value, reason.message[:1024]))]
+        return [ToRunner(Stop(self.runner_job_id, reason.code.value, reason.message[:1024]))]
 
     def _end_with(self, reason: ProtocolError) -> list[JobOutput]:
         if self.phase is Phase.ENDED:

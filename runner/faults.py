@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -41,6 +42,10 @@ class FaultPlan:
     """After step n: the pipeline raises (the job ends with pipeline_failed)."""
     exit_after: int | None = None
     """After step n: the runner process exits at once (the job ends with runner_lost)."""
+    freeze_orchestrator_after: int | None = None
+    """After step n of the schedule (resumed jobs count from their resume step): SIGSTOP the
+    process that started this runner, a managed runner's orchestrator, as a hung node would
+    be; the runner itself goes on."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> FaultPlan | None:
@@ -70,8 +75,11 @@ class Faults:
         if step == 1 and self.plan.first_step_seconds:
             time.sleep(self.plan.first_step_seconds)  # the simulated model load
 
-    def after_step(self, step: int, wait_until_stopped: Callable[[], None]) -> None:
-        """Called once step `step` and its messages are out."""
+    def after_step(
+        self, step: int, wait_until_stopped: Callable[[], None], schedule_offset: int = 0
+    ) -> None:
+        """Called once step `step` (of the job; `schedule_offset` steps ran before it
+        elsewhere) and its messages are out."""
         plan = self.plan
         extra = plan.step_seconds
         if plan.slow_after is not None and step > plan.slow_after:
@@ -86,3 +94,6 @@ class Faults:
             raise InjectedFault("injected fault: the GPU fell off the bus")
         if step == plan.exit_after:
             os._exit(3)
+        if plan.freeze_orchestrator_after == schedule_offset + step:
+            self.fired.append("freeze")
+            os.kill(os.getppid(), signal.SIGSTOP)

@@ -154,7 +154,8 @@ class RunnerJob:
             self._emit(RunnerPreview(self._previews.message(step, latents)))
         self._emit(Done(req.job_id, step, self._latents(latents)))
         if self._faults is not None:
-            self._faults.after_step(step, self._wait_until_stopped)
+            offset = self.request.resume.step if self.request.resume else 0
+            self._faults.after_step(step, self._wait_until_stopped, offset)
 
     def _latents(self, latents: torch.Tensor) -> Latents | None:
         """The state after a step, when the job asked and the model can resume from it."""

@@ -11,6 +11,11 @@ from pathlib import Path
 
 import anyio
 
+from orchestrator.connection_limits import (
+    DEFAULT_HELLO_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+)
 from runner.args import add_runner_parser
 from stepstream.logs import configure_logging
 
@@ -75,6 +80,24 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     orch.add_argument(
         "--offload", action="store_true", help="sequential CPU offload on small GPUs (slower)"
+    )
+    orch.add_argument(
+        "--hello-timeout",
+        type=float,
+        default=DEFAULT_HELLO_TIMEOUT,
+        help="seconds a new connection has to send hello (default %(default)s)",
+    )
+    orch.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        help="seconds a connection may stay open with no job (default %(default)s)",
+    )
+    orch.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        help="open connections allowed per client address (default %(default)s)",
     )
 
     gen = sub.add_parser("generate", help="run one text-to-image job and save the image")

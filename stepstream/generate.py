@@ -37,6 +37,17 @@ from stepstream.keys import KeyFileError, load_private_key
 from stepstream.settlement import settlement_for
 
 
+def move_line(event: OrchestratorChanged) -> str:
+    """`moved from A to B (reason); resumed at step K` (or `; restarted`), then why and
+    what the old orchestrator delivered and was paid."""
+    how = f"resumed at step {event.from_step}" if event.resumed else "restarted"
+    return (
+        f"moved from {event.old} to {event.new} ({event.reason}); {how}\n"
+        f"  {event.detail}; it delivered {event.delivered_steps} steps and was paid "
+        f"{float(event.paid):.0f} wei"
+    )
+
+
 def preview_path(out: Path, step: int) -> Path:
     """`out.png` and step 4 -> `out.preview-004.png`."""
     return out.with_name(f"{out.stem}.preview-{step:03d}.png")
@@ -138,12 +149,7 @@ async def _run_job(
                 postfix["steps/s"] = f"{event.steps_per_second:.1f}"
                 bar.set_postfix(postfix)
             elif isinstance(event, OrchestratorChanged):
-                how = f"resumed at step {event.from_step}" if event.resumed else "restarted"
-                print(
-                    f"\nmoved from {event.old} to {event.new} ({event.reason}: {event.detail}); "
-                    f"{how}",
-                    file=sys.stderr,
-                )
+                print(f"\n{move_line(event)}", file=sys.stderr)
             elif isinstance(event, PreviewFrame):
                 save_as_png(event.image, preview_path(out, event.step))
             elif isinstance(event, PaymentSent) and bar is not None:

@@ -12,6 +12,7 @@ import sys
 from tqdm import tqdm
 
 from orchestrator.config import ConfigError, ModelEntry, load_ai_models
+from orchestrator.connection_limits import ConnectionLimits
 from orchestrator.runner_pool import RunnerSettings, default_runner_devices
 from orchestrator.server import (
     DEFAULT_FACE_VALUE,
@@ -47,31 +48,31 @@ async def run_orchestrator(args: argparse.Namespace) -> int:
         runners=RunnerSettings(
             default_runner_devices(args.runners, args.device), args.memory_budget, args.offload
         ),
+        limits=ConnectionLimits(
+            hello_timeout=args.hello_timeout,
+            idle_timeout=args.idle_timeout,
+            max_connections_per_client=args.max_connections_per_client,
+        ),
     )
     orch = Orchestrator(config)
-    # Runners outlive model loading and serving alike; leaving this stops them.
-    async with orch.runners.active():
-        return await _load_and_serve(orch, models, args)
+    return await _serve(orch, models, args)
 
 
-async def _load_and_serve(
-    orch: Orchestrator, models: list[ModelEntry], args: argparse.Namespace
-) -> int:
+async def _serve(orch: Orchestrator, models: list[ModelEntry], args: argparse.Namespace) -> int:
+    """Listen first (a port in use fails at once), redeem what an earlier run left
+    pending, then load the warm models; the redeemer runs whatever the models do."""
     log.info("recipient address %s", orch.address)
     pending = orch.winners.counts()["pending"]
     if pending:
         log.info("%d winning tickets from an earlier run are pending redemption", pending)
-    warm = sum(1 for m in models if m.warm)
-    bar = tqdm(total=warm, unit="model", desc="loading models", file=sys.stderr, disable=not warm)
-    try:
-        await orch.load_warm_models(on_loaded=lambda model_id: bar.update(1))
-    except Exception as exc:
-        print(f"stepstream orchestrator: cannot load a warm model: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        bar.close()
     try:
         async with orch.serve(args.host, args.port) as server:
+            warm = sum(1 for m in models if m.warm)
+            bar = tqdm(
+                total=warm, unit="model", desc="loading models", file=sys.stderr, disable=not warm
+            )
+            with bar:
+                await orch.load_warm_models(on_loaded=lambda model_id: bar.update(1))
             host, port = server.sockets[0].getsockname()[:2]
             # The demo and tests wait for this exact line.
             print(f"listening on ws://{host}:{port}", flush=True)
