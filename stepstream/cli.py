@@ -111,6 +111,12 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--deadline", type=float, default=None, help="seconds the job may take")
     gen.add_argument("--max-orchestrators", type=int, default=3, help="tries before giving up")
     gen.add_argument(
+        "--stall-floor",
+        type=float,
+        default=1.0,
+        help="seconds without progress that always count as a stall's least (default 1.0)",
+    )
+    gen.add_argument(
         "--metrics-db",
         type=Path,
         default=Path.home() / ".stepstream" / "metrics.sqlite3",

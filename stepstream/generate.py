@@ -120,7 +120,9 @@ async def run_generate(args: argparse.Namespace) -> int:
             key,
             metrics=metrics,
             selection=SelectionConfig(weights=PROFILES[args.selection]),
-            policy=FailoverPolicy(max_orchestrators=args.max_orchestrators),
+            policy=FailoverPolicy(
+                max_orchestrators=args.max_orchestrators, stall_floor=args.stall_floor
+            ),
             max_price=args.max_price,
         )
         return await _run_job(runner, params, args, out)

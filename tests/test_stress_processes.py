@@ -151,8 +151,15 @@ def test_a_frozen_orchestrator_is_left_and_the_job_resumes(tmp_path: Path) -> No
         for child in (frozen, healthy):
             store.record_speed(child.url, TINY_SD, 64 * 64 * 100.0)
         store.close()
+        # A stall floor well above a step, even on a loaded machine: only the freeze moves it.
         moved = generate(
-            f"{frozen.url},{healthy.url}", tmp_path / "moved.png", db, "--deadline", "600"
+            f"{frozen.url},{healthy.url}",
+            tmp_path / "moved.png",
+            db,
+            "--deadline",
+            "600",
+            "--stall-floor",
+            "5",
         )
         assert moved.returncode == 0, moved.stderr[-3000:]
         reference = generate(healthy.url, tmp_path / "alone.png", tmp_path / "other.sqlite3")
