@@ -110,6 +110,8 @@ async def run_generate(args: argparse.Namespace) -> int:
     if settlement.redeems:  # stake for selection, from the BondingManager
         addresses = {s.url: s.info.orchestrator for s in discovery.statuses if s.info}
         await anyio.to_thread.run_sync(stakes.refresh, addresses)
+        for url, stake in stakes.items():
+            print(f"stepstream generate: {url} has stake {stake} wei", file=sys.stderr)
     metrics = MetricsStore(args.metrics_db)
     try:
         runner = JobRunner(

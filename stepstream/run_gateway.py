@@ -70,6 +70,7 @@ async def run_gateway(args: argparse.Namespace) -> int:
         async with serving(gateway, args.host, args.port) as url:
             # The demo and tests wait for this exact line.
             print(f"gateway listening on {url}", flush=True)
+            log.info("%s", settlement.describe())
             log.info(
                 "orchestrators %s, outputs in %s, speeds in %s",
                 ",".join(urls),

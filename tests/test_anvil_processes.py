@@ -250,6 +250,7 @@ def test_separate_processes_redeem_winners_into_the_fee_pool(
         out = generate(s, url, "--deposit", str(ETH), "--reserve", str(ETH))
         assert f"deposit {ETH} wei, reserve {ETH} wei" in out
         assert "2 tickets, 2 winners" in out
+        assert f"{url} has stake {ETH} wei" in out  # read from the BondingManager
         for _ in range(2):
             err.expect(r"redeemed ticket 0x")
         err.expect(r"fee pool on chain: \d+ wei")
@@ -310,3 +311,30 @@ def test_killed_orchestrator_redeems_queued_winner_once(anvil_url: str, tmp_path
     assert row.status == REDEEMED and s.o_chain().is_redeemed(row.ticket_hash)
     assert len(redeemed_events(s)) == 1
     assert s.fee_pool() == fees_before + row.winner.ticket.face_value
+
+
+def test_deploy_broker_registers_transcoders_on_an_existing_set(
+    anvil_url: str, tmp_path: Path
+) -> None:
+    s = make_setup(anvil_url, tmp_path)
+    newcomer = address_of(write_new_key(tmp_path / "n.key"))
+
+    def deploy(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cli(
+                "deploy-broker", "--eth-url", s.url, "--key", str(tmp_path / "deployer.key"), *extra
+            ),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+        )
+
+    bad = deploy("--eth-controller", s.controller, "--transcoder", f"{newcomer}=lots")
+    assert bad.returncode == 2 and "not a whole number" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    done = deploy("--eth-controller", s.controller, "--transcoder", f"{newcomer}=5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == s.controller  # nothing new deployed
+    chain = s.o_chain()
+    assert chain.transcoder_stake(newcomer) == 5 and chain.bonding.pool_size() == 2
