@@ -255,6 +255,18 @@ class OnChain(Settlement):
         return max(self._redeem_gas, self._redeem_gas_seen)
 
     def _measure_redeem_gas(self) -> int:
+        try:
+            gas = self._probe_redemption()
+        except ChainError as exc:
+            raise ChainError(
+                f"cannot measure redemption gas on TicketBroker {self.broker.address}"
+                f" (is {self.account} an active transcoder with ether for gas?): {exc}"
+            ) from None
+        log.info("one redemption takes %d gas on TicketBroker %s", gas, self.broker.address)
+        return gas
+
+    def _probe_redemption(self) -> int:
+        """eth_estimateGas of redeeming a 1-wei ticket this account signs to itself."""
         me = self.account
         info = self.broker.get_sender_info(me)
         if info.deposit < PROBE_DEPOSIT:
@@ -272,14 +284,7 @@ class OnChain(Settlement):
             creation_round=issue.round,
             creation_round_block_hash=issue.block_hash,
         )
-        try:
-            gas = self.broker.estimate_redeem(probe, sign_ticket(probe, self._key), rand)
-        except ChainError as exc:
-            raise ChainError(
-                f"cannot measure redemption gas on {self.broker.address}: {exc}"
-            ) from None
-        log.info("one redemption takes %d gas on TicketBroker %s", gas, self.broker.address)
-        return gas
+        return self.broker.estimate_redeem(probe, sign_ticket(probe, self._key), rand)
 
     def _observe(self, gas_used: int) -> None:
         self._redeem_gas_seen = max(self._redeem_gas_seen, gas_used)

@@ -338,3 +338,31 @@ def test_deploy_broker_registers_transcoders_on_an_existing_set(
     assert done.stdout.strip() == s.controller  # nothing new deployed
     chain = s.o_chain()
     assert chain.transcoder_stake(newcomer) == 5 and chain.bonding.pool_size() == 2
+
+
+def test_an_orchestrator_the_chain_cannot_pay_says_so_at_start(
+    anvil_url: str, tmp_path: Path
+) -> None:
+    """Not an active transcoder: its winners could never be credited, so it does not start."""
+    s = make_setup(anvil_url, tmp_path)
+    done = subprocess.run(
+        cli(
+            "orchestrator",
+            "--models",
+            str(tmp_path / "aiModels.json"),
+            "--key",
+            str(tmp_path / "deployer.key"),  # funded, but not registered as a transcoder
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            *s.chain_flags(),
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+    assert done.returncode == 2
+    assert "cannot measure redemption gas" in done.stderr
+    assert "transcoder must be registered" in done.stderr and "Traceback" not in done.stderr
