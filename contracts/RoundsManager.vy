@@ -7,9 +7,11 @@
 # @dev Same ABI as Livepeer's RoundsManager for currentRound,
 #      currentRoundInitialized, blockHashForRound, lastInitializedRound,
 #      roundLength, currentRoundStartBlock, blockNum and initializeRound.
-#      Simplified: the round length is fixed at deployment, and round 1 begins
+#      Simplified: the round length is fixed at deployment, round 1 begins
 #      at the deployment block (Livepeer counts from its genesis block), so
-#      round 0 never exists and a ticket naming it is refused.
+#      round 0 never exists and a ticket naming it is refused, and
+#      initializing a round records its hash and nothing else (Livepeer's
+#      also snapshots the active stake and sets the round's rewards).
 
 
 event NewRound:

@@ -10,8 +10,9 @@
 #      getReserveInfo, claimableReserve, claimedReserve, usedTickets,
 #      getTicketHash, redeemWinningTicket, batchRedeemWinningTickets, unlock,
 #      cancelUnlock, withdraw, isUnlockInProgress, unlockPeriod,
-#      ticketValidityPeriod. Revert reasons are Livepeer's (OpenZeppelin's for
-#      signatures).
+#      ticketValidityPeriod. Revert reasons are Livepeer's (OpenZeppelin
+#      ECDSA's for signatures; V outside {27, 28} is named as such, where
+#      OpenZeppelin 4.9 says "invalid signature").
 #
 # A ticket redeems only when, in this order:
 #   - the current round is initialized;
