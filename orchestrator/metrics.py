@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
@@ -63,11 +63,22 @@ class OrchestratorMetrics:
             "Winning tickets redeemed on chain (none without a chain)",
             registry=r,
         )
+        self.fee_pool = Gauge(
+            "stepstream_orchestrator_fee_pool_wei",
+            "Fees the chain holds for this orchestrator (the BondingManager's pendingFees)",
+            registry=r,
+        )
         self.runner_restarts = Counter(
             "stepstream_orchestrator_runner_restarts",
             "Managed runner processes restarted after a crash or a failed health check",
             registry=r,
         )
+
+    def observe_redemptions(self, redeemed: int, fee_pool: int | None) -> None:
+        """A redeemer pass: tickets redeemed, and the fee pool the chain now records."""
+        self.redemptions.inc(redeemed)
+        if fee_pool is not None:
+            self.fee_pool.set(fee_pool)
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Answer `GET /metrics` as plain HTTP; let every other request go on to the handshake."""

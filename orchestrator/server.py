@@ -34,10 +34,8 @@ from orchestrator.connection_limits import ConnectionLimits
 from orchestrator.job_driver import JobDriver
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.peer import Peer
-from orchestrator.redeemer import Redeemer
 from orchestrator.runner_client import RunnerClient
 from orchestrator.runner_pool import RunnerPool, RunnerSettings, default_runner_devices
-from orchestrator.winners import WinnerQueue
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection, State
 from protocol.credit import ticket_odds
@@ -71,9 +69,12 @@ from protocol.recipient import (
     WinningTicket,
     address_str,
 )
-from stepstream.chain import ChainError
+from settlement.chain import SECONDS_PER_BLOCK, Settlement, offchain_block
+from settlement.eth import ChainError
+from settlement.redeemer import Redeemer
+from settlement.sender_monitor import SenderMonitor
+from settlement.winners import WinnerQueue
 from stepstream.logs import current_job_id
-from stepstream.settlement import SECONDS_PER_BLOCK, Settlement, offchain_block
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,10 @@ class Orchestrator:
         self.metrics = OrchestratorMetrics()
         self.settlement = config.settlement or Settlement(config.current_block)
         self.winners = WinnerQueue(config.winners_db)
-        self.redeemer = Redeemer(self.winners, self.settlement)
+        self.monitor = SenderMonitor(self.settlement, self.winners)
+        self.redeemer = Redeemer(
+            self.winners, self.settlement, on_redeemed=self.metrics.observe_redemptions
+        )
         settings = config.runners or RunnerSettings(default_runner_devices())
         self.runners = RunnerPool(config.models, settings, self.metrics.runner_restarts.inc)
         self._clients: Tally[str] = Tally()
@@ -322,12 +326,15 @@ class Orchestrator:
 
     async def _info(self, sender: bytes) -> Info:
         face = await self.face_value()
+        issue = await anyio.to_thread.run_sync(self.settlement.issue_round)
         params = self.recipient.issue_params(
             sender,
             face,
             min(MAX_UINT256, max(1, DEFAULT_TICKET_EV * MAX_UINT256 // face)),
             await self.current_block(),
             secrets.token_bytes(16),
+            issue.round,
+            issue.block_hash,
         )
         return Info(
             orchestrator=self._address_bytes,
@@ -401,8 +408,10 @@ class Orchestrator:
     async def _job_params(self, sender: bytes, window_fee: Fraction) -> TicketParams:
         """Parameters whose ticket is worth one window (spec 8.2), valid from this block."""
         face_value, win_prob = ticket_odds(window_fee, await self.face_value())
+        issue = await anyio.to_thread.run_sync(self.settlement.issue_round)
+        block, salt = await self.current_block(), secrets.token_bytes(16)
         return self.recipient.issue_params(
-            sender, face_value, win_prob, await self.current_block(), secrets.token_bytes(16)
+            sender, face_value, win_prob, block, salt, issue.round, issue.block_hash
         )
 
     async def _run(self, driver: JobDriver) -> None:
@@ -432,22 +441,19 @@ class Orchestrator:
     # ------------------------------------------------------------ payments
 
     async def _receive_tickets(self, payment: Payment) -> PaymentReceipt:
-        """Validate a payment against the chain's block and the sender's funds (spec 8.4),
-        and queue its winners durably before anyone acknowledges it (spec 8.6)."""
+        """Validate a payment against the chain's block and round and the sender's max float
+        (spec 8.4, 8.8), and queue its winners durably before anyone acknowledges it (8.6)."""
         try:
             block = await self.current_block()
-            max_float = None
-            if self.settlement.redeems:
-                sender = address_str(payment.sender)
-                info = await anyio.to_thread.run_sync(self.settlement.sender_info, sender)
-                owed = await anyio.to_thread.run_sync(self.winners.pending_face_value, sender)
-                max_float = 0 if info is None or info.unlocking else info.deposit + info.reserve
-                max_float -= owed
+            sender = address_str(payment.sender)
+            max_float = await anyio.to_thread.run_sync(self.monitor.max_float, sender)
+            creation_round = payment.ticket_params.creation_round
+            rounds = await anyio.to_thread.run_sync(self.settlement.round_view, creation_round)
         except ChainError as exc:
             return PaymentReceipt(
                 error=ProtocolError(ErrorCode.INTERNAL_ERROR, f"chain unavailable: {exc}")
             )
-        receipt = self.recipient.receive(payment, block, max_float)
+        receipt = self.recipient.receive(payment, block, max_float, rounds)
         if receipt.winners:
             try:
                 await anyio.to_thread.run_sync(self.winners.add, receipt.winners)

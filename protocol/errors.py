@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     TICKET_RAND_MISMATCH = "ticket_rand_mismatch"
     TICKET_BAD_SIGNATURE = "ticket_bad_signature"
     TICKET_NONCE_REPLAYED = "ticket_nonce_replayed"
+    TICKET_ROUND_INVALID = "ticket_round_invalid"
     TICKET_PARAMS_EXPIRED = "ticket_params_expired"
     SENDER_INSUFFICIENT_FUNDS = "sender_insufficient_funds"
     PAYMENT_TIMEOUT = "payment_timeout"

@@ -46,6 +46,38 @@ class WinningTicket:
     recipient_rand: int
 
 
+@dataclass(frozen=True)
+class RoundView:
+    """What the settlement layer knows of rounds, to judge a ticket's creation round by.
+
+    The chain's TicketBroker refuses a ticket whose round was never
+    initialized, whose block hash is not that round's, or that is
+    `validity_rounds` or more rounds old; the recipient refuses it first.
+    """
+
+    current_round: int
+    validity_rounds: int
+    block_hash: bytes | None
+    """The chain's block hash of the ticket's creation round (zero: never initialized);
+    None off chain, where there is no hash to check."""
+
+
+def round_refusal(params: TicketParams, rounds: RoundView) -> str | None:
+    """Why the broker would refuse tickets of these parameters for their round, or None."""
+    round_ = params.creation_round
+    if rounds.block_hash is not None:
+        if rounds.block_hash == bytes(32):
+            return f"round {round_} was never initialized on chain"
+        if params.creation_round_block_hash != rounds.block_hash:
+            return f"creation_round_block_hash is not the block hash of round {round_}"
+    if round_ + rounds.validity_rounds <= rounds.current_round:
+        return (
+            f"round {round_} expired: tickets are good for {rounds.validity_rounds} rounds,"
+            f" now round {rounds.current_round}"
+        )
+    return None
+
+
 @dataclass
 class PaymentReceipt:
     """What one payment message was worth: credit, winners, and the first fault."""
@@ -133,9 +165,17 @@ class Recipient:
         return hmac.new(self._secret, msg, hashlib.sha256).digest()[:16]
 
     def issue_params(
-        self, sender: bytes, face_value: int, win_prob: int, current_block: int, salt: bytes
+        self,
+        sender: bytes,
+        face_value: int,
+        win_prob: int,
+        current_block: int,
+        salt: bytes,
+        creation_round: int = 0,
+        creation_round_block_hash: bytes = bytes(32),
     ) -> TicketParams:
-        """Fresh parameters for `sender`; `salt` is 16 random bytes from the caller."""
+        """Fresh parameters for `sender` in the given round; `salt` is 16 random bytes
+        from the caller."""
         if len(salt) != 16:
             raise ValueError("salt must be 16 bytes")
         draft = TicketParams(
@@ -145,6 +185,8 @@ class Recipient:
             recipient_rand_hash=bytes(32),
             seed=bytes(32),
             expiration_block=current_block + self.validity_blocks,
+            creation_round=creation_round,
+            creation_round_block_hash=creation_round_block_hash,
         )
         seed = salt + self._params_mac(salt, sender, draft)
         rand = derive_recipient_rand(self._secret, seed, address_str(sender))
@@ -155,18 +197,26 @@ class Recipient:
             recipient_rand_hash=recipient_rand_hash(rand),
             seed=seed,
             expiration_block=draft.expiration_block,
+            creation_round=creation_round,
+            creation_round_block_hash=creation_round_block_hash,
         )
 
     def receive(
-        self, payment: Payment, current_block: int, max_float: int | None = None
+        self,
+        payment: Payment,
+        current_block: int,
+        max_float: int | None = None,
+        rounds: RoundView | None = None,
     ) -> PaymentReceipt:
         """Check each ticket in spec order; credit those before the first fault.
 
         A winning ticket whose parameters expired is still kept for redemption
-        (as go-livepeer does) though it earns no credit. `max_float` is what
-        the sender's deposit and reserve can still pay out (None: no chain, no
-        check); each ticket's face value must fit in it, less the winners
-        already found in this payment.
+        (as go-livepeer does) though it earns no credit; one whose round the
+        broker would refuse (`rounds`, None: not checked) is neither credited
+        nor kept. `max_float` is what the sender's deposit and reserve can
+        still pay out to this recipient (None: no chain, no check); each
+        ticket's face value must fit in it, less the winners already found in
+        this payment.
         """
         receipt = PaymentReceipt()
         params = payment.ticket_params
@@ -215,6 +265,10 @@ class Recipient:
                     ErrorCode.TICKET_NONCE_REPLAYED,
                     f"sender_nonce {signed.sender_nonce} already used for these parameters",
                 )
+                return receipt
+            refusal = None if rounds is None else round_refusal(params, rounds)
+            if refusal is not None:
+                receipt.error = ProtocolError(ErrorCode.TICKET_ROUND_INVALID, refusal)
                 return receipt
             wins = is_winning(signed.sig, rand, params.win_prob)
             if wins:

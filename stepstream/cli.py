@@ -41,7 +41,17 @@ def _add_chain_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--eth-url", default=None, help="JSON-RPC URL of the chain; none: off-chain mode"
     )
-    parser.add_argument("--ticket-broker", default=None, help="TicketBroker contract address")
+    parser.add_argument(
+        "--eth-controller",
+        default=None,
+        help="Controller address; TicketBroker, RoundsManager and BondingManager are looked "
+        "up in it (go-livepeer's -ethController)",
+    )
+    parser.add_argument(
+        "--ticket-broker",
+        default=None,
+        help="TicketBroker address, for a bare broker: the rest is found through its Controller",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -59,6 +69,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--payment-timeout", type=float, default=30.0, help="seconds to wait for credit"
     )
     _add_chain_flags(orch)
+    orch.add_argument(
+        "--initialize-round",
+        action="store_true",
+        help="start a round nobody has initialized when one is needed (one transaction a round)",
+    )
     orch.add_argument(
         "--data-dir", type=Path, default=Path(".stepstream"), help="where winners are queued"
     )
@@ -145,11 +160,29 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--deposit", type=int, default=0, help="wei to add to the ticket deposit")
     gen.add_argument("--reserve", type=int, default=0, help="wei to add to the ticket reserve")
 
-    deploy = sub.add_parser("deploy-broker", help="deploy the TicketBroker contract")
+    deploy = sub.add_parser(
+        "deploy-broker",
+        help="deploy the contracts (Controller, TicketBroker, RoundsManager, BondingManager, "
+        "Minter) and print the Controller's address",
+    )
     deploy.add_argument("--eth-url", required=True, help="JSON-RPC URL of the chain")
     deploy.add_argument("--key", required=True, type=Path, help="key file of the deployer")
     deploy.add_argument("--key-password-file", type=Path, default=None)
-    deploy.add_argument("--unlock-period", type=int, default=40, help="blocks")
+    deploy.add_argument(
+        "--eth-controller",
+        default=None,
+        help="a set deployed before: register --transcoder on it instead of deploying",
+    )
+    deploy.add_argument(
+        "--transcoder",
+        action="append",
+        default=[],
+        metavar="ADDRESS[=STAKE]",
+        help="register an orchestrator as an active transcoder (stake in wei, default 1e18)",
+    )
+    deploy.add_argument("--round-length", type=int, default=100, help="blocks per round")
+    deploy.add_argument("--unlock-period", type=int, default=2, help="rounds")
+    deploy.add_argument("--ticket-validity", type=int, default=2, help="rounds")
 
     gw = sub.add_parser("gateway", help="serve the Livepeer AI API and live job streams to apps")
     gw.add_argument(
@@ -175,6 +208,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default="127.0.0.1")
     gw.add_argument("--port", type=int, default=8937)
     gw.add_argument("--key", required=True, type=Path, help="file with the hex private key")
+    _add_chain_flags(gw)
     gw.add_argument("--outputs", type=Path, default=Path("gateway-outputs"), help="output folder")
     gw.add_argument("--token-file", type=Path, default=None, help="require this bearer token")
     gw.add_argument(
@@ -229,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return anyio.run(run_generate, args)
     if args.command == "deploy-broker":
-        from stepstream.run_orchestrator import run_deploy_broker
+        from stepstream.deploy import run_deploy_broker
 
         return run_deploy_broker(args)
     if args.command == "runner":

@@ -1,11 +1,13 @@
 """`make demo`: an orchestrator process and a broadcaster on this machine, one paid job.
 
 Starts a local anvil node (installed from npm into .tools/ on first use),
-deploys the TicketBroker to it, funds the broadcaster's deposit and reserve,
-and settles the job's winning tickets on it. Writes under --out: the final
+deploys the project's contracts to it (Controller, TicketBroker,
+RoundsManager, BondingManager, Minter) with the orchestrator registered as
+an active transcoder, funds the broadcaster's deposit and reserve, and
+settles the job's winning tickets on it. Writes under --out: the final
 image, every preview (`image.preview-NNN.png`), a strip and an animation of
 the previews, and prints a summary of the job's steps, speed, payments, fee
-and what was redeemed on chain.
+and the fees the chain credited to the orchestrator.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from pipelines.tiny import TINY_SD
 from protocol.job_events import JobError, JobResult, PreviewFrame
 from protocol.messages import TextToImageParams
 from protocol.pm import address_of
+from settlement.chain import OnChain, connect_chain
+from settlement.contracts import SenderInfo
+from settlement.deploy import deploy_contracts
+from settlement.eth import fund_account, http_web3
 from stepstream.anvil import find_or_install_anvil, run_anvil
-from stepstream.chain import SenderInfo, TicketBrokerClient, fund_account, http_web3
 from stepstream.demo_gateway import demo_gateway
 from stepstream.generate import image_path, preview_path
 from stepstream.keys import write_new_key
 from stepstream.processes import orchestrator_process
-from stepstream.settlement import connect_chain
 
 STEPS, PREVIEW_EVERY, SIZE = 24, 4, 128
 ETH = 10**18
@@ -61,17 +65,18 @@ async def run_demo_on_chain(out: Path, eth_url: str) -> int:
     w3 = http_web3(eth_url)
     for k in (key, o_key, deployer):
         fund_account(w3, address_of(k), 10 * ETH)
-    broker = TicketBrokerClient.deploy(w3, deployer).address
-    print(f"anvil at {eth_url}, TicketBroker deployed at {broker}")
-    b_chain = connect_chain(eth_url, broker, key)
+    o_address = address_of(o_key)
+    controller = deploy_contracts(w3, deployer, [(o_address, ETH)]).controller
+    print(f"anvil at {eth_url}, contracts deployed behind the Controller at {controller}")
+    b_chain = connect_chain(eth_url, key, controller=controller)
     b_chain.fund_deposit_and_reserve(DEPOSIT, RESERVE)
     funds = b_chain.sender_info(b_chain.account)
-    o_address = address_of(o_key)
-    o_balance = b_chain.balance(o_address)
+    fees_before = fee_pool(b_chain, o_address)
     # Demo economics: a face value below one window's fee makes every ticket a sure
     # winner, so redemption shows on chain; in production the face value stays
     # 100x above a redemption's gas (spec 8.2) and few tickets win.
-    flags = ["--eth-url", eth_url, "--ticket-broker", broker]
+    chain_flags = ["--eth-url", eth_url, "--eth-controller", controller]
+    flags = [*chain_flags, "--initialize-round"]
     flags += ["--face-value", "1", "--redeem-cost-multiplier", "0"]
     image = out / "image.png"
     params = TextToImageParams(
@@ -100,9 +105,9 @@ async def run_demo_on_chain(out: Path, eth_url: str) -> int:
                 elif isinstance(event, JobResult):
                     result = event
         redeemed = await anyio.to_thread.run_sync(wait_redeemed, b_chain, o_address, result.winners)
-        o_gain = b_chain.balance(o_address) - o_balance
-        save_and_summarise(out, image, frames, result, funds, broker, redeemed, o_gain)
-        await demo_gateway(out, url, out / "broadcaster.key")
+        fees = fee_pool(b_chain, o_address) - fees_before
+        save_and_summarise(out, image, frames, result, funds, controller, redeemed, fees)
+        await demo_gateway(out, url, out / "broadcaster.key", chain_flags)
     return 0
 
 
@@ -112,9 +117,9 @@ def save_and_summarise(
     frames: list[Image.Image],
     result: JobResult,
     funds: SenderInfo,
-    broker: str,
+    controller: str,
     redeemed: list[int],
-    o_gain: int,
+    fees: int,
 ) -> None:
     for i, img in enumerate(result.images):
         image_path(image, i).write_bytes(img.image)
@@ -132,20 +137,26 @@ def save_and_summarise(
         f"  time to first preview  {ttfp}\n"
         f"  job time               {result.seconds:.2f} s\n"
         f"  deposit / reserve      {funds.deposit:,} / {funds.reserve:,} wei "
-        f"(TicketBroker {broker})\n"
+        f"(Controller {controller})\n"
         f"  tickets sent           {result.tickets_sent}\n"
         f"  winners                {result.winners} (every ticket wins in this demo; in "
         f"production face value stays 100x above a redemption's gas and few tickets win)\n"
-        f"  redeemed on chain      {len(redeemed)}: {sum(redeemed):,} wei face value; the "
-        f"orchestrator's balance changed by {o_gain:,} wei after gas\n"
+        f"  redeemed on chain      {len(redeemed)} tickets, {sum(redeemed):,} wei face value\n"
+        f"  fees on chain          {fees:,} wei: the rise of the orchestrator's fee pool "
+        f"(BondingManager.pendingFees), withdrawn with withdrawFees\n"
         f"  EV paid / fee          {float(result.ev_paid):,.0f} / {float(result.fee):,.0f} wei "
         f"({float(result.ev_paid / result.fee):.4f}x)"
     )
 
 
-def wait_redeemed(chain: object, recipient: str, winners: int, timeout: float = 30.0) -> list[int]:
+def fee_pool(chain: OnChain, orchestrator: str) -> int:
+    """The orchestrator's fees as the chain records them (the BondingManager's pendingFees)."""
+    return chain.bonding.pending_fees(orchestrator, chain.rounds_manager.current_round())
+
+
+def wait_redeemed(chain: OnChain, recipient: str, winners: int, timeout: float = 30.0) -> list[int]:
     """Face values of the recipient's redeemed tickets, once `winners` are (or at timeout)."""
-    broker = chain.client.contract  # type: ignore[attr-defined]
+    broker = chain.broker.contract
     deadline = time.monotonic() + timeout
     while True:
         logs = broker.events.WinningTicketRedeemed.get_logs(from_block=0)

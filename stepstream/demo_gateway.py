@@ -9,7 +9,7 @@ terminal it stays up until Enter is pressed.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +21,11 @@ from stepstream.processes import stepstream_process
 
 @contextmanager
 def gateway_process(
-    out: Path, orchestrator_url: str, key: Path, timeout: float = 60.0
+    out: Path,
+    orchestrator_url: str,
+    key: Path,
+    chain_flags: Sequence[str] = (),
+    timeout: float = 60.0,
 ) -> Iterator[str]:
     """Start `stepstream gateway` on 127.0.0.1 and a free port; yield its URL.
 
@@ -30,14 +34,16 @@ def gateway_process(
     """
     args = ["gateway", "--orchestrators", orchestrator_url, "--key", str(key)]
     args += ["--host", "127.0.0.1", "--port", "0", "--outputs", str(out / "gateway-outputs")]
-    args += ["--metrics-db", str(out / "gateway-metrics.sqlite3")]
+    args += ["--metrics-db", str(out / "gateway-metrics.sqlite3"), *chain_flags]
     with stepstream_process(args, "gateway listening on ", out / "gateway.log", timeout) as child:
         url = child.url
         yield url
 
 
-async def demo_gateway(out: Path, orchestrator_url: str, key: Path) -> None:
-    with gateway_process(out, orchestrator_url, key) as url:
+async def demo_gateway(
+    out: Path, orchestrator_url: str, key: Path, chain_flags: Sequence[str] = ()
+) -> None:
+    with gateway_process(out, orchestrator_url, key, chain_flags) as url:
         print(f"\ngateway listening at {url}  (open it in a browser to run and watch a job)")
         body = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_inference_steps": 12}
         async with httpx.AsyncClient(timeout=120) as client:

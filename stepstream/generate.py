@@ -13,6 +13,7 @@ import secrets
 import sys
 from pathlib import Path
 
+import anyio
 from PIL import Image
 from tqdm import tqdm
 
@@ -32,9 +33,10 @@ from protocol.job_events import (
 )
 from protocol.messages import TextToImageParams
 from protocol.pm import address_of
-from stepstream.chain import ChainError
+from settlement.chain import settlement_for
+from settlement.eth import ChainError
+from settlement.stakes import ChainStakes
 from stepstream.keys import KeyFileError, load_private_key
-from stepstream.settlement import settlement_for
 
 
 def move_line(event: OrchestratorChanged) -> str:
@@ -70,7 +72,9 @@ async def run_generate(args: argparse.Namespace) -> int:
             if args.key
             else secrets.token_bytes(32)
         )
-        settlement = settlement_for(args.eth_url, args.ticket_broker, key)
+        settlement = settlement_for(
+            args.eth_url, key, controller=args.eth_controller, broker=args.ticket_broker
+        )
     except (KeyFileError, ChainError) as exc:
         print(f"stepstream generate: {exc}", file=sys.stderr)
         return 2
@@ -113,13 +117,19 @@ async def run_generate(args: argparse.Namespace) -> int:
     for status in discovery.statuses:
         if not status.reachable:
             print(f"stepstream generate: {status.url} unreachable: {status.error}", file=sys.stderr)
+    stakes = ChainStakes(settlement)
+    if settlement.redeems:  # stake for selection, from the BondingManager
+        addresses = {s.url: s.info.orchestrator for s in discovery.statuses if s.info}
+        await anyio.to_thread.run_sync(stakes.refresh, addresses)
+        for url, stake in stakes.items():
+            print(f"stepstream generate: {url} has stake {stake} wei", file=sys.stderr)
     metrics = MetricsStore(args.metrics_db)
     try:
         runner = JobRunner(
             discovery,
             key,
             metrics=metrics,
-            selection=SelectionConfig(weights=PROFILES[args.selection]),
+            selection=SelectionConfig(weights=PROFILES[args.selection], stakes=stakes),
             policy=FailoverPolicy(
                 max_orchestrators=args.max_orchestrators, stall_floor=args.stall_floor
             ),

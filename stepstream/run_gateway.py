@@ -21,6 +21,9 @@ from broadcaster.gateway.server import serving
 from broadcaster.gateway.storage import LocalFolderStorage
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import PROFILES, SelectionConfig
+from settlement.chain import settlement_for
+from settlement.eth import ChainError
+from settlement.stakes import ChainStakes, keep_fresh
 from stepstream.keys import KeyFileError, load_private_key
 
 log = logging.getLogger("stepstream.gateway")
@@ -28,9 +31,12 @@ log = logging.getLogger("stepstream.gateway")
 
 async def run_gateway(args: argparse.Namespace) -> int:
     try:
-        key = load_private_key(args.key)
+        key = load_private_key(args.key, args.key_password_file)
         urls = parse_orchestrator_urls(args.orchestrator, args.orchestrators_file)
-    except (KeyFileError, OrchestratorListError) as exc:
+        settlement = settlement_for(
+            args.eth_url, key, controller=args.eth_controller, broker=args.ticket_broker
+        )
+    except (KeyFileError, OrchestratorListError, ChainError) as exc:
         print(f"stepstream gateway: {exc}", file=sys.stderr)
         return 2
     if args.max_orchestrators < 1:
@@ -44,11 +50,13 @@ async def run_gateway(args: argparse.Namespace) -> int:
             print(f"stepstream gateway: cannot read {args.token_file}: {exc}", file=sys.stderr)
             return 2
     metrics = MetricsStore(args.metrics_db)
+    stakes = ChainStakes(settlement)
+    discovery = Discovery(urls, key)
     runner = JobRunner(
-        Discovery(urls, key),
+        discovery,
         key,
         metrics=metrics,
-        selection=SelectionConfig(weights=PROFILES[args.selection]),
+        selection=SelectionConfig(weights=PROFILES[args.selection], stakes=stakes),
         policy=FailoverPolicy(max_orchestrators=args.max_orchestrators),
         max_price=args.max_price,
     )
@@ -62,13 +70,21 @@ async def run_gateway(args: argparse.Namespace) -> int:
         async with serving(gateway, args.host, args.port) as url:
             # The demo and tests wait for this exact line.
             print(f"gateway listening on {url}", flush=True)
+            log.info("%s", settlement.describe())
             log.info(
                 "orchestrators %s, outputs in %s, speeds in %s",
                 ",".join(urls),
                 args.outputs,
                 args.metrics_db,
             )
-            await anyio.sleep_forever()
+            if not settlement.redeems:
+                await anyio.sleep_forever()
+            # Stake for selection, from the BondingManager, as discovery finds orchestrators.
+            await keep_fresh(
+                stakes,
+                lambda: {s.url: s.info.orchestrator for s in discovery.statuses if s.info},
+                args.refresh_seconds,
+            )
     except OSError as exc:
         print(
             f"stepstream gateway: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr

@@ -1,7 +1,4 @@
-"""`stepstream orchestrator`: load aiModels.json, a key and a chain, then serve until stopped.
-
-Also `stepstream deploy-broker`, which puts a TicketBroker on a chain.
-"""
+"""`stepstream orchestrator`: load aiModels.json, a key and a chain, then serve until stopped."""
 
 from __future__ import annotations
 
@@ -9,6 +6,7 @@ import argparse
 import logging
 import sys
 
+import anyio
 from tqdm import tqdm
 
 from orchestrator.config import ConfigError, ModelEntry, load_ai_models
@@ -21,9 +19,9 @@ from orchestrator.server import (
     OrchestratorConfig,
 )
 from protocol.pm import address_of
-from stepstream.chain import ChainError, TicketBrokerClient, http_web3
+from settlement.chain import settlement_for
+from settlement.eth import ChainError
 from stepstream.keys import KeyFileError, load_private_key
-from stepstream.settlement import settlement_for
 
 log = logging.getLogger("stepstream.orchestrator")
 
@@ -32,7 +30,15 @@ async def run_orchestrator(args: argparse.Namespace) -> int:
     try:
         models = load_ai_models(args.models)
         key = load_private_key(args.key, args.key_password_file)
-        settlement = settlement_for(args.eth_url, args.ticket_broker, key)
+        settlement = settlement_for(
+            args.eth_url,
+            key,
+            controller=args.eth_controller,
+            broker=args.ticket_broker,
+            initialize_rounds=args.initialize_round,
+        )
+        # Measured now (a probe redemption's gas), so a chain that cannot pay us fails here.
+        await anyio.to_thread.run_sync(settlement.redeem_cost)
     except (ConfigError, KeyFileError, ChainError) as exc:
         print(f"stepstream orchestrator: {exc}", file=sys.stderr)
         return 2
@@ -83,16 +89,4 @@ async def _serve(orch: Orchestrator, models: list[ModelEntry], args: argparse.Na
             file=sys.stderr,
         )
         return 2
-    return 0
-
-
-def run_deploy_broker(args: argparse.Namespace) -> int:
-    """Deploy a TicketBroker and print its address (the value of --ticket-broker)."""
-    try:
-        key = load_private_key(args.key, args.key_password_file)
-        client = TicketBrokerClient.deploy(http_web3(args.eth_url), key, args.unlock_period)
-    except (KeyFileError, ChainError) as exc:
-        print(f"stepstream deploy-broker: {exc}", file=sys.stderr)
-        return 2
-    print(client.address)
     return 0

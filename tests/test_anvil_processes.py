@@ -1,10 +1,12 @@
 """Orchestrator and broadcaster as separate processes, settling on a real anvil node.
 
-`stepstream orchestrator` and `stepstream generate` talk over loopback and
-both reach anvil with --eth-url; tickets are sure winners (a face value below
-one window's fee, and no redeem-cost floor on this test chain), so every
-ticket is redeemed. The second test kills the orchestrator between a win and
-its redemption and restarts it.
+`stepstream deploy-broker` puts the project's contracts on anvil and prints
+the Controller's address; `stepstream orchestrator` and `stepstream
+generate` talk over loopback and both find the contracts through
+`--eth-controller`. Tickets are sure winners (a face value below one
+window's fee, and no redeem-cost floor on this test chain), so every ticket
+is redeemed, into the orchestrator's fee pool. The second test kills the
+orchestrator between a win and its redemption and restarts it.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from orchestrator.winners import PENDING, REDEEMED, WinnerQueue
 from pipelines.tiny import TINY_SD
-from protocol.pm import Ticket, address_of
+from protocol.pm import address_of
+from settlement.chain import OnChain, connect_chain
+from settlement.eth import ChainError, fund_account, http_web3
+from settlement.winners import PENDING, REDEEMED, WinnerQueue
 from stepstream.anvil import AnvilError, find_anvil, find_or_install_anvil, run_anvil
-from stepstream.chain import ChainError, TicketBrokerClient, fund_account, http_web3
 from stepstream.keys import write_new_key
 
 ETH = 10**18
@@ -82,16 +85,20 @@ class Lines:
 class Setup:
     url: str
     w3: Web3
-    broker: str
+    controller: str
     o_key: bytes
     b_key: bytes
     tmp: Path
 
-    def o_client(self) -> TicketBrokerClient:
-        return TicketBrokerClient(self.w3, self.broker, self.o_key)
+    def o_chain(self) -> OnChain:
+        return connect_chain(self.url, self.o_key, controller=self.controller)
 
     def chain_flags(self) -> list[str]:
-        return ["--eth-url", self.url, "--ticket-broker", self.broker]
+        return ["--eth-url", self.url, "--eth-controller", self.controller]
+
+    def fee_pool(self) -> int:
+        """The orchestrator's fees as the chain records them (BondingManager.pendingFees)."""
+        return self.o_chain().fee_pool()
 
 
 def make_setup(url: str, tmp: Path) -> Setup:
@@ -99,7 +106,24 @@ def make_setup(url: str, tmp: Path) -> Setup:
     keys = [write_new_key(tmp / name) for name in ("deployer.key", "o.key", "b.key")]
     for key in keys:
         fund_account(w3, address_of(key), 100 * ETH)
-    broker = TicketBrokerClient.deploy(w3, keys[0]).address
+    deployed = subprocess.run(
+        cli(
+            "deploy-broker",
+            "--eth-url",
+            url,
+            "--key",
+            str(tmp / "deployer.key"),
+            "--transcoder",
+            address_of(keys[1]),
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+    assert deployed.returncode == 0, deployed.stderr
+    controller = deployed.stdout.strip()
+    assert re.fullmatch(r"0x[0-9a-fA-F]{40}", controller), deployed.stdout
     (tmp / "aiModels.json").write_text(
         json.dumps(
             [
@@ -113,7 +137,7 @@ def make_setup(url: str, tmp: Path) -> Setup:
             ]
         )
     )
-    return Setup(url, w3, broker, keys[1], keys[2], tmp)
+    return Setup(url, w3, controller, keys[1], keys[2], tmp)
 
 
 def cli(*args: str) -> list[str]:
@@ -137,6 +161,7 @@ def start_orchestrator(s: Setup) -> tuple[subprocess.Popen[str], Lines, str]:
             "1",
             "--redeem-cost-multiplier",
             "0",
+            "--initialize-round",
             *s.chain_flags(),
         ),
         cwd=ROOT,
@@ -195,29 +220,12 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 
 def redeemed_events(s: Setup) -> list:
-    broker = s.o_client().contract
+    broker = s.o_chain().broker.contract
     return broker.events.WinningTicketRedeemed.get_logs(from_block=0)
 
 
-def redeemed_call(s: Setup, tx_hash: bytes) -> tuple[Ticket, bytes, int]:
-    """The ticket, signature and rand of a mined redeemWinningTicket, from its input."""
-    broker = s.o_client().contract
-    _fn, args = broker.decode_function_input(s.w3.eth.get_transaction(tx_hash)["input"])
-    t = args["_ticket"] if "_ticket" in args else next(iter(args.values()))
-    values = list(t.values()) if isinstance(t, dict) else list(t)
-    sig, rand = list(args.values())[1:3]
-    aux = values[6]
-    ticket = Ticket(
-        recipient=values[0],
-        sender=values[1],
-        face_value=values[2],
-        win_prob=values[3],
-        sender_nonce=values[4],
-        recipient_rand_hash=values[5],
-        creation_round=int.from_bytes(aux[:32], "big") if aux else 0,
-        creation_round_block_hash=aux[32:] if aux else bytes(32),
-    )
-    return ticket, bytes(sig), rand
+def queued(s: Setup) -> WinnerQueue:
+    return WinnerQueue(next((s.tmp / "data").glob("winners-*.sqlite")))
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -229,41 +237,47 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_separate_processes_redeem_a_winner_on_anvil(anvil_url: str, tmp_path: Path) -> None:
+def test_separate_processes_redeem_winners_into_the_fee_pool(
+    anvil_url: str, tmp_path: Path
+) -> None:
     s = make_setup(anvil_url, tmp_path)
     o_address = address_of(s.o_key)
-    before = s.w3.eth.get_balance(o_address)
     proc, err, url = start_orchestrator(s)
     try:
-        err.expect(r"settling on http://127\.0\.0\.1")
+        err.expect(r"one redemption takes \d+ gas")  # measured on this broker at start-up
+        err.expect(r"settling on http://127\.0\.0\.1.*Controller " + s.controller)
+        fees_before = s.fee_pool()
         out = generate(s, url, "--deposit", str(ETH), "--reserve", str(ETH))
         assert f"deposit {ETH} wei, reserve {ETH} wei" in out
         assert "2 tickets, 2 winners" in out
+        assert f"{url} has stake {ETH} wei" in out  # read from the BondingManager
         for _ in range(2):
             err.expect(r"redeemed ticket 0x")
+        err.expect(r"fee pool on chain: \d+ wei")
     finally:
         stop(proc)
     events = [e for e in redeemed_events(s) if e["args"]["recipient"] == o_address]
     assert len(events) == 2
     face = sum(e["args"]["faceValue"] for e in events)
-    gas = 0
-    for e in events:
-        receipt = s.w3.eth.get_transaction_receipt(e["transactionHash"])
-        gas += receipt["gasUsed"] * receipt["effectiveGasPrice"]
-    assert s.w3.eth.get_balance(o_address) == before + face - gas
+    assert face > 0 and s.fee_pool() == fees_before + face
     # The same ticket again: the broker refuses it.
-    ticket, sig, rand = redeemed_call(s, events[0]["transactionHash"])
-    assert s.o_client().used_tickets(ticket.hash())
+    rows = queued(s).all()
+    assert [r.status for r in rows] == [REDEEMED, REDEEMED]
+    winner = rows[0].winner
+    o_chain = s.o_chain()
+    assert o_chain.is_redeemed(winner.ticket.hash())
     with pytest.raises(ChainError, match="ticket is used"):
-        s.o_client().redeem_winning_ticket(ticket, sig, rand)
+        o_chain.redeem(winner)
+    assert s.fee_pool() == fees_before + face
 
 
 def test_killed_orchestrator_redeems_queued_winner_once(anvil_url: str, tmp_path: Path) -> None:
     s = make_setup(anvil_url, tmp_path)
-    TicketBrokerClient(s.w3, s.broker, s.b_key).fund_deposit_and_reserve(ETH, ETH)
+    connect_chain(s.url, s.b_key, controller=s.controller).fund_deposit_and_reserve(ETH, ETH)
     rpc = s.w3.provider.make_request  # type: ignore[union-attr]
     proc, err, url = start_orchestrator(s)
     try:
+        err.expect(r"one redemption takes \d+ gas")
         # Blocks stop: the redemption the orchestrator sends will sit in the mempool.
         rpc("evm_setAutomine", [False])  # type: ignore[arg-type]
         out = generate(s, url, "--steps", "2")
@@ -282,11 +296,10 @@ def test_killed_orchestrator_redeems_queued_winner_once(anvil_url: str, tmp_path
         rpc("anvil_dropAllTransactions", [])  # type: ignore[arg-type]
         rpc("evm_setAutomine", [True])  # type: ignore[arg-type]
 
-    db = next((tmp_path / "data").glob("winners-*.sqlite"))
-    (row,) = WinnerQueue(db).all()
+    (row,) = queued(s).all()
     assert row.status == PENDING
-    assert not s.o_client().used_tickets(row.ticket_hash)
-    before = s.w3.eth.get_balance(address_of(s.o_key))
+    assert not s.o_chain().is_redeemed(row.ticket_hash)
+    fees_before = s.fee_pool()
 
     proc, err, url = start_orchestrator(s)
     try:
@@ -294,11 +307,62 @@ def test_killed_orchestrator_redeems_queued_winner_once(anvil_url: str, tmp_path
         err.expect(r"redeemed ticket 0x")
     finally:
         stop(proc)
-    (row,) = WinnerQueue(db).all()
-    assert row.status == REDEEMED and s.o_client().used_tickets(row.ticket_hash)
-    events = redeemed_events(s)
-    assert len(events) == 1
-    receipt = s.w3.eth.get_transaction_receipt(events[0]["transactionHash"])
-    gas = receipt["gasUsed"] * receipt["effectiveGasPrice"]
-    face = row.winner.ticket.face_value
-    assert s.w3.eth.get_balance(address_of(s.o_key)) == before + face - gas
+    (row,) = queued(s).all()
+    assert row.status == REDEEMED and s.o_chain().is_redeemed(row.ticket_hash)
+    assert len(redeemed_events(s)) == 1
+    assert s.fee_pool() == fees_before + row.winner.ticket.face_value
+
+
+def test_deploy_broker_registers_transcoders_on_an_existing_set(
+    anvil_url: str, tmp_path: Path
+) -> None:
+    s = make_setup(anvil_url, tmp_path)
+    newcomer = address_of(write_new_key(tmp_path / "n.key"))
+
+    def deploy(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cli(
+                "deploy-broker", "--eth-url", s.url, "--key", str(tmp_path / "deployer.key"), *extra
+            ),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT,
+        )
+
+    bad = deploy("--eth-controller", s.controller, "--transcoder", f"{newcomer}=lots")
+    assert bad.returncode == 2 and "not a whole number" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    done = deploy("--eth-controller", s.controller, "--transcoder", f"{newcomer}=5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == s.controller  # nothing new deployed
+    chain = s.o_chain()
+    assert chain.transcoder_stake(newcomer) == 5 and chain.bonding.pool_size() == 2
+
+
+def test_an_orchestrator_the_chain_cannot_pay_says_so_at_start(
+    anvil_url: str, tmp_path: Path
+) -> None:
+    """Not an active transcoder: its winners could never be credited, so it does not start."""
+    s = make_setup(anvil_url, tmp_path)
+    done = subprocess.run(
+        cli(
+            "orchestrator",
+            "--models",
+            str(tmp_path / "aiModels.json"),
+            "--key",
+            str(tmp_path / "deployer.key"),  # funded, but not registered as a transcoder
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            *s.chain_flags(),
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+    assert done.returncode == 2
+    assert "cannot measure redemption gas" in done.stderr
+    assert "transcoder must be registered" in done.stderr and "Traceback" not in done.stderr

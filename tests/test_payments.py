@@ -31,8 +31,9 @@ from protocol.messages import (
 )
 from protocol.pm import SECP256K1_N, address_of
 from protocol.sender import TicketSender
-from stepstream.chain import ChainError
-from stepstream.settlement import EmbeddedChain
+from settlement.chain import EmbeddedChain
+from settlement.deploy import DeployParams
+from settlement.eth import ChainError
 from tests.conftest import PRICE, orchestrator_on_loopback
 
 pytestmark = pytest.mark.anyio
@@ -55,6 +56,13 @@ def funded_key(chain: EmbeddedChain, deposit: int = ETH, reserve: int = ETH) -> 
     chain.fund(address_of(key), 10 * ETH)
     if deposit or reserve:
         chain.account(key).fund_deposit_and_reserve(deposit, reserve)
+    return key
+
+
+def orchestrator_key(chain: EmbeddedChain) -> bytes:
+    """A fresh orchestrator key with ether, registered as an active transcoder."""
+    key = funded_key(chain, 0, 0)
+    chain.register(address_of(key))
     return key
 
 
@@ -127,7 +135,7 @@ async def test_each_refused_ticket_has_its_code_and_earns_nothing(
     tiny_model: LoadedModel, chain: EmbeddedChain
 ) -> None:
     """Every validation failure of spec 8.4, over the socket, against a chain-backed O."""
-    o_key = funded_key(chain, 0, 0)
+    o_key = orchestrator_key(chain)
     b_key = funded_key(chain)
     async with orchestrator_on_loopback(
         tiny_model,
@@ -194,8 +202,9 @@ def credit_of(accepted: JobAccepted) -> Fraction:
 async def test_winning_tickets_redeem_on_the_embedded_chain(
     tiny_model: LoadedModel, chain: EmbeddedChain
 ) -> None:
-    """Sure winners (face value below a window's fee) are queued, redeemed once, and pay O."""
-    o_key = funded_key(chain, 0, 0)
+    """Sure winners (face value below a window's fee) are queued, redeemed once, and their
+    face value lands in O's fee pool."""
+    o_key = orchestrator_key(chain)
     b_key = funded_key(chain)
     o_chain = chain.account(o_key)
     async with orchestrator_on_loopback(
@@ -205,7 +214,6 @@ async def test_winning_tickets_redeem_on_the_embedded_chain(
         face_value=1,
         redeem_cost_multiplier=0,
     ) as running:
-        balance_before = o_chain.balance(o_chain.account)
         async with BroadcasterSession(running.url, b_key) as session:
             events = [
                 e async for e in session.generate(small(6), model_id=TINY_SD, preview_every=2)
@@ -218,8 +226,7 @@ async def test_winning_tickets_redeem_on_the_embedded_chain(
         assert [q.status for q in queued] == ["redeemed"] * 3
         face = sum(q.winner.ticket.face_value for q in queued)
         assert face == math.ceil(result.fee / 3) * 3
-        gas = running.orch.redeemer.gas_spent
-        assert o_chain.balance(o_chain.account) == balance_before + face - gas
+        assert o_chain.fee_pool() == face == running.orch.redeemer.fee_pool
         info = o_chain.sender_info(address_of(b_key))
         assert info.deposit == ETH - face
 
@@ -230,7 +237,40 @@ async def test_winning_tickets_redeem_on_the_embedded_chain(
         # ...and the redeemer, asked again, checks usedTickets and sends nothing.
         running.orch.redeemer.settle(queued[0])
         assert running.orch.redeemer.redeemed == 3
-        assert o_chain.balance(o_chain.account) == balance_before + face - gas
+        assert o_chain.fee_pool() == face
+
+
+async def test_winner_of_an_expired_round_is_refused_before_credit(
+    tiny_model: LoadedModel,
+) -> None:
+    """Two rounds after its creation round the broker would refuse the ticket, so the
+    orchestrator does: no credit, and the winner is not queued (it could not be redeemed)."""
+    chain = EmbeddedChain(params=DeployParams(round_length=20))
+    o_key, b_key = orchestrator_key(chain), funded_key(chain)
+    async with orchestrator_on_loopback(
+        tiny_model,
+        private_key=o_key,
+        settlement=chain.account(o_key),
+        face_value=1,  # sure winners
+        redeem_cost_multiplier=0,
+        ticket_validity_blocks=1000,  # the parameters outlive their round
+    ) as running:
+        async with connect(running.url) as ws:
+            client = Client(ws, b_key)
+            accepted = await client.start_job("j")
+            params = accepted.ticket_params
+            assert params.creation_round > 0 and params.creation_round_block_hash != bytes(32)
+            payment = client.sender.pay("j", params, 1)
+            chain.mine(40)  # two rounds: creation_round + 2 <= current round
+            credit, error = await client.refused(payment)
+        assert (credit.credit, credit.tickets_accepted, credit.winners) == (0, 0, 0)
+        assert error.code == "ticket_round_invalid" and "expired" in error.message
+        assert running.orch.stats.ev_received == 0
+        assert running.orch.winners.counts()["pending"] == 0
+        # Parameters issued now name the current round, and pay.
+        async with BroadcasterSession(running.url, b_key) as session:
+            events = [e async for e in session.generate(small(2), model_id=TINY_SD)]
+        assert isinstance(events[-1], JobResult)
 
 
 async def test_ticket_params_refresh_mid_job(tiny_model: LoadedModel) -> None:

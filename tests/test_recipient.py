@@ -27,7 +27,9 @@ from protocol.recipient import (
     NonceLedger,
     PaymentReceipt,
     Recipient,
+    RoundView,
     address_str,
+    round_refusal,
 )
 from protocol.sender import TicketSender
 
@@ -278,6 +280,60 @@ def test_expired_params_keep_winners() -> None:
     # The first ticket wins: it is kept for redemption though it earns no credit.
     assert len(receipt.winners) == 1
     assert receipt.winners[0].sig == payment.tickets[0].sig
+
+
+ROUND, ROUND_HASH = 7, b"\x07" * 32
+
+
+def _in_round(recipient: Recipient, sender: TicketSender, win_prob: int = WIN_PROB) -> TicketParams:
+    return recipient.issue_params(
+        sender.address_bytes, FACE, win_prob, BLOCK, SALT, ROUND, ROUND_HASH
+    )
+
+
+def test_params_name_their_round_and_bind_it() -> None:
+    recipient = _recipient()
+    sender = TicketSender(SENDER_KEY)
+    params = _in_round(recipient, sender)
+    assert (params.creation_round, params.creation_round_block_hash) == (ROUND, ROUND_HASH)
+    ticket = sender.ticket(params, 1)
+    assert ticket.aux_data() == ROUND.to_bytes(32, "big") + ROUND_HASH  # 64 bytes, as Livepeer's
+    good = RoundView(current_round=ROUND + 1, validity_rounds=2, block_hash=ROUND_HASH)
+    assert recipient.receive(sender.pay("j", params, 1), BLOCK, rounds=good).error is None
+
+
+@pytest.mark.parametrize(
+    ("view", "why"),
+    [
+        (RoundView(ROUND + 2, 2, ROUND_HASH), "expired"),
+        (RoundView(ROUND + 9, 2, None), "expired"),  # off chain: the round clock alone
+        (RoundView(ROUND, 2, bytes(32)), "never initialized"),
+        (RoundView(ROUND, 2, b"\x08" * 32), "not the block hash"),
+    ],
+    ids=["expired", "expired-off-chain", "not-initialized", "other-hash"],
+)
+def test_a_round_the_broker_would_refuse_is_refused_first(view: RoundView, why: str) -> None:
+    recipient = _recipient()
+    sender = TicketSender(SENDER_KEY)
+    params = _in_round(recipient, sender, win_prob=MAX_UINT256)
+    refusal = round_refusal(params, view)
+    assert refusal is not None and why in refusal
+    receipt = recipient.receive(sender.pay("j", params, 2), BLOCK, rounds=view)
+    _refused(receipt, ErrorCode.TICKET_ROUND_INVALID)
+    assert receipt.winners == []  # a sure winner, but the broker would not pay it: not kept
+
+
+def test_round_check_comes_after_the_nonce_and_before_expiry() -> None:
+    recipient = _recipient(validity_blocks=40)
+    sender = TicketSender(SENDER_KEY)
+    expired_round = RoundView(ROUND + 5, 2, ROUND_HASH)
+    payment = sender.pay("j", _in_round(recipient, sender), 1)
+    _refused(
+        recipient.receive(payment, BLOCK + 41, rounds=expired_round), ErrorCode.TICKET_ROUND_INVALID
+    )
+    _refused(
+        recipient.receive(payment, BLOCK, rounds=expired_round), ErrorCode.TICKET_NONCE_REPLAYED
+    )
 
 
 def test_insufficient_funds() -> None:
