@@ -36,10 +36,12 @@ def assert_error_shape(response: httpx.Response, status: int, code: str) -> str:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error"}
+    # go-livepeer's shape with a code, and ai-runner's (which the livepeer-ai SDK parses).
+    assert set(body) == {"error", "detail"}
     assert set(body["error"]) == {"message", "code"}
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["detail"] == {"msg": body["error"]["message"]}
     return body["error"]["message"]
 
 
@@ -57,7 +59,7 @@ async def test_text_to_image_answers_livepeer_shape(
             "height": 64,
             "num_inference_steps": 4,
             "seed": 3,
-            "safety_check": True,
+            "safety_check": False,
             "unknown_field": "ignored, as ai-runner does",
         }
         response = await client.post("/text-to-image", json=body)

@@ -15,11 +15,17 @@ import anyio
 import uvicorn
 
 from broadcaster.gateway.app import Gateway
+from broadcaster.gateway.guard import is_loopback
 
 
 @contextlib.asynccontextmanager
 async def serving(gateway: Gateway, host: str, port: int) -> AsyncIterator[str]:
-    """Serve the gateway on host:port; yield its base URL ("http://host:port")."""
+    """Serve the gateway on host:port; yield its base URL ("http://host:port").
+
+    A gateway without a token pays for anyone who reaches it: it serves loopback only.
+    """
+    if gateway.token is None and not is_loopback(host):
+        raise ValueError(f"a gateway without a token serves loopback only, not {host}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
