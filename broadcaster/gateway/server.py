@@ -45,9 +45,23 @@ async def serving(gateway: Gateway, host: str, port: int) -> AsyncIterator[str]:
     )
     server = uvicorn.Server(config)
     shown = f"[{host}]" if family == socket.AF_INET6 else host
+    stopped = anyio.Event()
+
+    async def serve() -> None:
+        try:
+            await server.serve([sock])
+        finally:
+            stopped.set()
+
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
+            tg.start_soon(serve)
+            # Yield once uvicorn has started: from then on it owns SIGINT and SIGTERM and
+            # shuts down in order (a Ctrl-C before would cancel its lifespan mid-start).
+            while not server.started:
+                if stopped.is_set():
+                    raise RuntimeError("the gateway's server stopped while starting")
+                await anyio.sleep(0.01)
             try:
                 yield f"http://{shown}:{bound}"
             finally:
