@@ -295,8 +295,8 @@ def _summary(result: JobResult, journey: _Journey, runner: JobRunner, out: Path)
             f"({move.reason}), {how} on {move.new}"
         )
     lines.append(
-        f"  steps                  {result.steps} in {result.seconds:.2f} s, "
-        f"{result.steps_per_second:.1f} steps/s"
+        f"  steps                  {result.steps} in {result.seconds:.2f} s "
+        f"({result.steps_per_second:.1f} steps/s at the end)"
     )
     ttfp = result.time_to_first_preview
     lines.append(f"  time to first preview  {'-' if ttfp is None else f'{ttfp:.2f} s'}")
