@@ -1,11 +1,12 @@
-# Two commands matter: `make demo` and `make test`. Both create or reuse .venv.
+# Two commands matter: `make demo` and `make test`. Both create or reuse .venv;
+# `make install` sets up .venv and .tools/ (anvil) without running anything.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stepstream-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: install demo test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,10 @@ $(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null
+
+# The environment alone: .venv with the package, and anvil (from npm) in .tools/.
+install: $(STAMP)
+	$(PY) -c "from stepstream.anvil import find_or_install_anvil; print('anvil:', find_or_install_anvil())"
 
 demo: $(STAMP)
 	$(PY) -m stepstream.demo --out out

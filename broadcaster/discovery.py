@@ -1,7 +1,8 @@
 """Which orchestrators exist and what they offer now: a list of URLs, asked for their info.
 
 Each orchestrator is asked (hello, info) with a short timeout; one that does
-not answer is marked unreachable with the reason, never fatal to the others.
+not answer, or answers without a WebSocket handshake, is marked unreachable
+with the reason, never fatal to the others.
 `run` refreshes the whole list periodically.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+from websockets.exceptions import WebSocketException
 
 from broadcaster.session import BroadcasterSession, SessionError
 from protocol.messages import Capability, Info
@@ -117,6 +119,10 @@ class Discovery:
             error = str(exc)
         except TimeoutError:
             error = f"no info within {self.info_timeout:g} s"
+        except WebSocketException as exc:
+            # Something listens there but does not speak WebSocket (it closed, or answered
+            # another protocol): as unreachable as a closed port.
+            error = f"cannot reach {url}: no WebSocket handshake ({exc})"
         self._status[url] = OrchestratorStatus(url, info, error, time.time())
 
     async def run(

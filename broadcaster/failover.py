@@ -44,7 +44,8 @@ from broadcaster.suspension import Suspensions
 from broadcaster.tries import Try, classify, give_up, job_result
 from pipelines.errors import InvalidRequest
 from pipelines.requests import output_shape, planned_steps
-from protocol.errors import ErrorCode
+from protocol.codec import check
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.job_events import (
     Accepted,
     Event,
@@ -55,7 +56,7 @@ from protocol.job_events import (
     PreviewFrame,
     ProgressUpdate,
 )
-from protocol.messages import JobParams, Latents, ResumeFrom
+from protocol.messages import JobParams, JobRequest, Latents, ResumeFrom
 
 RETRYABLE_REFUSALS = frozenset({ErrorCode.NO_CAPACITY.value})
 """Refusals that say 'not now' rather than 'something is wrong here': no suspension."""
@@ -130,8 +131,13 @@ class JobRunner:
         started = time.monotonic()
         try:
             pixels = output_shape(params).pixels_per_step
+            # What the wire would refuse is refused here, before any orchestrator is blamed.
+            check(JobRequest(job_id, pipeline, model_id, params, preview_every, preview_method))
         except InvalidRequest as exc:
             yield JobError(job_id=job_id, code=ErrorCode.INVALID_REQUEST.value, message=str(exc))
+            return
+        except ProtocolError as err:
+            yield JobError(job_id=job_id, code=err.code.value, message=err.message)
             return
         if not self.discovery.statuses:
             await self.discovery.refresh()
@@ -475,8 +481,8 @@ class JobRunner:
             self.metrics.record_outcome(attempt.url, model_id)
             self.suspensions.clear(attempt.url)
             return
-        if attempt.reason == "cancelled":
-            return  # the client's choice, not the orchestrator's failure
+        if attempt.reason == "cancelled" or attempt.refused_the_request:
+            return  # the client's choice or the client's request, not the orchestrator's failure
         retryable = (
             attempt.reason == "refused" and attempt.detail.split(":")[0] in RETRYABLE_REFUSALS
         )

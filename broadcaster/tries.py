@@ -16,6 +16,8 @@ from protocol.job_events import Accepted, JobError, JobResult
 from protocol.rate import StepRate
 
 QUOTE_ERRORS = frozenset({ErrorCode.PRICE_TOO_HIGH.value, ErrorCode.INVALID_TICKET_PARAMS.value})
+REQUEST_REFUSALS = frozenset({ErrorCode.INVALID_REQUEST.value, ErrorCode.INVALID_FIELD.value})
+"""Refusals that blame the request, not the orchestrator: never a reason to suspend it."""
 
 
 @dataclass
@@ -43,6 +45,11 @@ class Try:
 
     def describe(self) -> str:
         return f"{self.url} ({self.reason}: {self.detail})"
+
+    @property
+    def refused_the_request(self) -> bool:
+        """Whether the orchestrator refused the job because of the request itself."""
+        return self.reason == "refused" and self.detail.split(":")[0] in REQUEST_REFUSALS
 
 
 def classify(error: JobError, accepted: bool) -> tuple[str, str]:

@@ -12,8 +12,8 @@ def add_runner_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     runner.add_argument(
         "--model", action="append", default=[], help="model id to load at start (repeatable)"
     )
-    runner.add_argument("--host", default="127.0.0.1")
-    runner.add_argument("--port", type=int, default=8936)
+    runner.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    runner.add_argument("--port", type=int, default=8936, help="port to listen on")
     runner.add_argument(
         "--token", default=None, help=f"bearer token orchestrators must send (else ${TOKEN_ENV})"
     )

@@ -1,13 +1,16 @@
-"""The `stepstream` command: orchestrator, gateway, generate, bench, deploy-broker."""
+"""The `stepstream` command: orchestrator, gateway, generate, keys, bench, deploy-broker."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from fractions import Fraction
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -18,6 +21,58 @@ from orchestrator.connection_limits import (
 )
 from runner.args import add_runner_parser
 from stepstream.logs import configure_logging
+
+EXIT_CODES = """exit codes:
+  0    done
+  1    the job failed (its error code is printed), or a server stopped on an error
+  2    bad usage or input (a flag, a file, a key, a request): nothing was sent or paid
+  3    generate: every orchestrator asks more than --max-price
+  130  interrupted (Ctrl-C)"""
+EXIT_INTERRUPTED = 130
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help line; the exit-code table kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or action.required
+            or default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+            or (isinstance(default, list) and not default)
+        ):
+            return text
+        shown = f"{default!r}" if default == "" else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command: no abbreviations, defaults in --help, -v/-q in any position."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("epilog", EXIT_CODES)
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: given before or after the subcommand, either one sets it.
+        self.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+            help="log at debug level",
+        )  # fmt: skip
+        self.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+            help="log warnings and errors only",
+        )  # fmt: skip
+
+
+def _version() -> str:
+    try:
+        return metadata.version("stepstream")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0.1.0 (not installed)"
 
 
 def _fraction(text: str) -> Fraction:
@@ -55,16 +110,20 @@ def _add_chain_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stepstream", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="stepstream", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"stepstream {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     orch = sub.add_parser("orchestrator", help="serve jobs on this machine")
     orch.add_argument("--models", required=True, type=Path, help="go-livepeer aiModels.json")
-    orch.add_argument("--host", default="127.0.0.1")
-    orch.add_argument("--port", type=int, default=8935)
-    orch.add_argument("--key", required=True, type=Path, help="file with the hex private key")
-    orch.add_argument("--face-value", type=int, default=None, help="ticket face value, wei")
+    orch.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    orch.add_argument("--port", type=int, default=8935, help="port to listen on (0: any free)")
+    orch.add_argument(
+        "--key", required=True, type=Path, help="key file: hex or keystore (stepstream keys new)"
+    )
+    orch.add_argument(
+        "--face-value", type=int, default=None, help="ticket face value, wei (default: 100x gas)"
+    )
     orch.add_argument(
         "--payment-timeout", type=float, default=30.0, help="seconds to wait for credit"
     )
@@ -118,6 +177,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="run one text-to-image job and save the image")
     gen.add_argument(
         "--orchestrator",
+        "--orchestrators",
+        dest="orchestrator",
         action="append",
         default=[],
         help="ws://host:port; repeat it or give a comma-separated list to fail over between them",
@@ -137,28 +198,67 @@ def _build_parser() -> argparse.ArgumentParser:
         default=Path.home() / ".stepstream" / "metrics.sqlite3",
         help="where measured orchestrator speeds are kept",
     )
-    gen.add_argument("--selection", default="livepeer", choices=["livepeer", "speed", "cheap"])
-    gen.add_argument("--model", required=True, help="model id, e.g. stepstream/tiny-sd")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=576)
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--guidance-scale", type=float, default=7.5)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--preview-every", type=int, default=5)
     gen.add_argument(
-        "--preview-method", default="latent_rgb", choices=["latent_rgb", "vae", "none"]
+        "--selection",
+        default="livepeer",
+        choices=["livepeer", "speed", "cheap"],
+        help="how orchestrators are chosen: go-livepeer's weighted draw, fastest, cheapest",
+    )
+    gen.add_argument("--model", required=True, help="model id, e.g. stepstream/tiny-sd")
+    gen.add_argument("--prompt", required=True, help="what to draw (at most 4000 characters)")
+    gen.add_argument("--negative-prompt", default="", help="what to keep out of the image")
+    gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 8")
+    gen.add_argument("--height", type=int, default=576, help="pixels, a multiple of 8")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps, 1..1000")
+    gen.add_argument(
+        "--guidance-scale", type=float, default=7.5, help="how closely to follow the prompt"
     )
     gen.add_argument(
-        "--max-price", type=_fraction, default=None, help="most wei per pixel-step to pay"
+        "--seed", type=int, default=None, help="0..4294967295 (default: a random one, printed)"
+    )
+    gen.add_argument("--num-images", type=int, default=1, help="images of the prompt, 1..16")
+    gen.add_argument(
+        "--preview-every", type=int, default=5, help="a preview (and a payment) every N steps"
+    )
+    gen.add_argument(
+        "--preview-method",
+        default="latent_rgb",
+        choices=["latent_rgb", "vae", "none"],
+        help="cheap latent colours, the exact VAE decode, or no previews",
+    )
+    gen.add_argument(
+        "--max-price",
+        type=_fraction,
+        default=None,
+        help="most wei per pixel-step to pay, e.g. 95367 or 4768371/50 (default: any price)",
     )
     gen.add_argument("--key", type=Path, default=None, help="key file; a throwaway key if absent")
-    gen.add_argument("--out", required=True, type=Path, help="image file to write (PNG)")
+    gen.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="image file to write: .png, .jpg or .webp (the suffix picks the format)",
+    )
     _add_chain_flags(gen)
     gen.add_argument("--deposit", type=int, default=0, help="wei to add to the ticket deposit")
     gen.add_argument("--reserve", type=int, default=0, help="wei to add to the ticket reserve")
+
+    keys = sub.add_parser("keys", help="make a key file, or print a key file's address")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    new = keys_sub.add_parser("new", help="write a new random key to FILE and print its address")
+    new.add_argument("file", type=Path, help="where to write it (never overwritten)")
+    new.add_argument(
+        "--keystore",
+        action="store_true",
+        help="write an encrypted Ethereum keystore instead of hex "
+        "(password from --key-password-file or $STEPSTREAM_KEY_PASSWORD)",
+    )
+    new.add_argument("--key-password-file", type=Path, default=None, help="password for --keystore")
+    address = keys_sub.add_parser("address", help="print the Ethereum address of a key file")
+    address.add_argument("file", type=Path, help="a hex or keystore key file")
+    address.add_argument(
+        "--key-password-file", type=Path, default=None, help="password of a keystore"
+    )
 
     deploy = sub.add_parser(
         "deploy-broker",
@@ -167,7 +267,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     deploy.add_argument("--eth-url", required=True, help="JSON-RPC URL of the chain")
     deploy.add_argument("--key", required=True, type=Path, help="key file of the deployer")
-    deploy.add_argument("--key-password-file", type=Path, default=None)
+    deploy.add_argument(
+        "--key-password-file", type=Path, default=None, help="password of a keystore --key"
+    )
     deploy.add_argument(
         "--eth-controller",
         default=None,
@@ -195,7 +297,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     gw.add_argument("--orchestrators-file", type=Path, default=None, help="one URL per line")
     gw.add_argument("--max-orchestrators", type=int, default=3, help="tries per job")
-    gw.add_argument("--selection", default="livepeer", choices=["livepeer", "speed", "cheap"])
+    gw.add_argument(
+        "--selection",
+        default="livepeer",
+        choices=["livepeer", "speed", "cheap"],
+        help="how orchestrators are chosen: go-livepeer's weighted draw, fastest, cheapest",
+    )
     gw.add_argument(
         "--metrics-db",
         type=Path,
@@ -205,14 +312,37 @@ def _build_parser() -> argparse.ArgumentParser:
     gw.add_argument(
         "--refresh-seconds", type=float, default=60.0, help="how often orchestrators are asked"
     )
-    gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, default=8937)
-    gw.add_argument("--key", required=True, type=Path, help="file with the hex private key")
+    gw.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; anything but loopback needs --token-file",
+    )
+    gw.add_argument("--port", type=int, default=8937, help="port to listen on (0: any free)")
+    gw.add_argument(
+        "--key", required=True, type=Path, help="key file the gateway pays with (hex or keystore)"
+    )
     _add_chain_flags(gw)
     gw.add_argument("--outputs", type=Path, default=Path("gateway-outputs"), help="output folder")
-    gw.add_argument("--token-file", type=Path, default=None, help="require this bearer token")
     gw.add_argument(
-        "--max-price", type=_fraction, default=None, help="most wei per pixel-step to pay"
+        "--token-file", type=Path, default=None, help="require the bearer token this file holds"
+    )
+    gw.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        help="a web origin (https://app.example) whose pages may call the gateway; repeatable",
+    )
+    gw.add_argument(
+        "--max-jobs-per-client",
+        type=int,
+        default=4,
+        help="jobs one client address may have in flight; more are answered 429",
+    )
+    gw.add_argument(
+        "--max-price",
+        type=_fraction,
+        default=None,
+        help="most wei per pixel-step to pay, e.g. 95367 or 4768371/50 (default: any, warned)",
     )
 
     bench = sub.add_parser("bench", help="network job vs. direct pipeline, side by side")
@@ -236,19 +366,32 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--step-seconds", type=float, default=0.0, help="failover: extra seconds per step"
     )
-    bench.add_argument("--runs", type=int, default=5)
-    bench.add_argument("--steps", type=int, default=20)
-    bench.add_argument("--size", type=int, default=64)
-    bench.add_argument("--preview-every", type=int, default=4)
-    bench.add_argument("--model", default="stepstream/tiny-sd")
+    bench.add_argument("--runs", type=int, default=5, help="jobs timed")
+    bench.add_argument("--steps", type=int, default=20, help="denoising steps per job")
+    bench.add_argument("--size", type=int, default=64, help="width and height, pixels")
+    bench.add_argument("--preview-every", type=int, default=4, help="a preview every N steps")
+    bench.add_argument("--model", default="stepstream/tiny-sd", help="model id")
     add_runner_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    quiet = args.command in ("bench", "generate")
-    configure_logging(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
+    quiet = args.command in ("bench", "generate", "keys") or getattr(args, "quiet", False)
+    level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    configure_logging(logging.WARNING if quiet and level != logging.DEBUG else level)
+    if args.command == "runner" and args.managed:
+        # Its orchestrator ends it (by closing stdin); a Ctrl-C meant for the
+        # orchestrator reaches the whole process group, and is the orchestrator's.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"stepstream {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     # Imports here keep `stepstream --help` fast (torch is slow to import).
     if args.command == "orchestrator":
         from stepstream.run_orchestrator import run_orchestrator
@@ -262,6 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from stepstream.generate import run_generate
 
         return anyio.run(run_generate, args)
+    if args.command == "keys":
+        from stepstream.keys_command import run_keys
+
+        return run_keys(args)
     if args.command == "deploy-broker":
         from stepstream.deploy import run_deploy_broker
 

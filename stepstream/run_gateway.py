@@ -2,7 +2,9 @@
 
 Jobs run through a JobRunner over the listed orchestrators, so apps get
 measured-speed selection, failover and resume; measured speeds are kept in
-SQLite (--metrics-db) across restarts.
+SQLite (--metrics-db) across restarts. The gateway pays with --key, so it
+refuses to listen beyond loopback without --token-file, and warns when no
+--max-price bounds what it pays.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import anyio
 from broadcaster.discovery import Discovery, OrchestratorListError, parse_orchestrator_urls
 from broadcaster.failover import FailoverPolicy, JobRunner
 from broadcaster.gateway.app import Gateway
+from broadcaster.gateway.guard import is_loopback
 from broadcaster.gateway.server import serving
 from broadcaster.gateway.storage import LocalFolderStorage
 from broadcaster.metrics_store import MetricsStore
@@ -42,6 +45,9 @@ async def run_gateway(args: argparse.Namespace) -> int:
     if args.max_orchestrators < 1:
         print("stepstream gateway: --max-orchestrators must be at least 1", file=sys.stderr)
         return 2
+    if args.max_jobs_per_client < 1:
+        print("stepstream gateway: --max-jobs-per-client must be at least 1", file=sys.stderr)
+        return 2
     token = None
     if args.token_file is not None:
         try:
@@ -49,6 +55,32 @@ async def run_gateway(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"stepstream gateway: cannot read {args.token_file}: {exc}", file=sys.stderr)
             return 2
+        if not token:
+            print(f"stepstream gateway: --token-file {args.token_file} is empty", file=sys.stderr)
+            return 2
+    if token is None and not is_loopback(args.host):
+        print(
+            f"stepstream gateway: --host {args.host} is reachable from other machines and the "
+            "gateway pays with --key: give --token-file to require a bearer token there",
+            file=sys.stderr,
+        )
+        return 2
+    bad_origin = next(
+        (o for o in args.allow_origin if not o.startswith(("http://", "https://"))), None
+    )
+    if bad_origin is not None:
+        print(
+            f"stepstream gateway: --allow-origin {bad_origin!r} is not an origin "
+            "(scheme://host[:port], e.g. https://app.example)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.max_price is None:
+        print(
+            "stepstream gateway: warning: no --max-price: jobs pay whatever price an "
+            "orchestrator asks (give --max-price in wei per pixel-step)",
+            file=sys.stderr,
+        )
     metrics = MetricsStore(args.metrics_db)
     stakes = ChainStakes(settlement)
     discovery = Discovery(urls, key)
@@ -65,6 +97,8 @@ async def run_gateway(args: argparse.Namespace) -> int:
         LocalFolderStorage(Path(args.outputs)),
         token=token,
         refresh_seconds=args.refresh_seconds,
+        allow_origins=args.allow_origin,
+        max_jobs_per_client=args.max_jobs_per_client,
     )
     try:
         async with serving(gateway, args.host, args.port) as url:

@@ -249,7 +249,7 @@ def test_separate_processes_redeem_winners_into_the_fee_pool(
         fees_before = s.fee_pool()
         out = generate(s, url, "--deposit", str(ETH), "--reserve", str(ETH))
         assert f"deposit {ETH} wei, reserve {ETH} wei" in out
-        assert "2 tickets, 2 winners" in out
+        assert "tickets                2 sent, 2 winners" in out
         assert f"{url} has stake {ETH} wei" in out  # read from the BondingManager
         for _ in range(2):
             err.expect(r"redeemed ticket 0x")
@@ -281,7 +281,7 @@ def test_killed_orchestrator_redeems_queued_winner_once(anvil_url: str, tmp_path
         # Blocks stop: the redemption the orchestrator sends will sit in the mempool.
         rpc("evm_setAutomine", [False])  # type: ignore[arg-type]
         out = generate(s, url, "--steps", "2")
-        assert "1 tickets, 1 winners" in out
+        assert "tickets                1 sent, 1 winners" in out
         err.expect(r"redeeming ticket 0x")
         wait_until(
             lambda: s.w3.eth.get_block("pending")["transactions"] != [],

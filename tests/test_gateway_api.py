@@ -36,10 +36,12 @@ def assert_error_shape(response: httpx.Response, status: int, code: str) -> str:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
-    assert set(body) == {"error"}
+    # go-livepeer's shape with a code, and ai-runner's (which the livepeer-ai SDK parses).
+    assert set(body) == {"error", "detail"}
     assert set(body["error"]) == {"message", "code"}
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert body["detail"] == {"msg": body["error"]["message"]}
     return body["error"]["message"]
 
 
@@ -57,7 +59,7 @@ async def test_text_to_image_answers_livepeer_shape(
             "height": 64,
             "num_inference_steps": 4,
             "seed": 3,
-            "safety_check": True,
+            "safety_check": False,
             "unknown_field": "ignored, as ai-runner does",
         }
         response = await client.post("/text-to-image", json=body)
@@ -257,3 +259,26 @@ def test_gateway_command_refuses_bad_arguments(
     missing = str(tmp_path / "none.key")
     assert main(["gateway", "--orchestrators", "ws://127.0.0.1:1", "--key", missing]) == 2
     assert "cannot read key file" in capsys.readouterr().err
+
+
+async def test_user_errors_are_400s_naming_the_field_and_blame_no_orchestrator(
+    running: RunningOrchestrator, tmp_path: Path
+) -> None:
+    async with (
+        gateway_on_loopback([running.url], tmp_path) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
+    ):
+        body = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 2}
+        for field, value in (
+            ("num_inference_steps", 0),
+            ("preview_every", 0),
+            ("seed", -1),
+            ("prompt", "x" * 5000),
+            ("width", 65),
+        ):
+            for route in ("/text-to-image", "/jobs/text-to-image"):
+                response = await client.post(route, json={**body, field: value})
+                assert field in assert_error_shape(response, 400, "invalid_request")
+        assert gw.gateway.jobs.jobs == {}
+        assert list(running.orch.stats.outcomes) == []  # no orchestrator saw a job
+        assert gw.gateway.runner.suspensions.reason(running.url) is None

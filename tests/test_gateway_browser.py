@@ -1,7 +1,7 @@
 """The gateway's page in a real headless browser: Debian's chromium driven by Playwright.
 
 Playwright never downloads a browser here: it launches /usr/bin/chromium
-(`make test` installs it). The screenshot is kept under out/test-artifacts/.
+(`make test` installs it). The screenshots are kept under out/test-artifacts/.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pipelines.tiny import TINY_SD, TINY_SDXL
 from pipelines.tiny_svd import TINY_SVD
 from tests.conftest import RunningOrchestrator
 from tests.gateway_helpers import gateway_on_loopback
-from tests.loopback import WireFaults, loopback_orchestrator
+from tests.loopback import FaultPlan, WireFaults, loopback_orchestrator
 from tests.test_image_pipelines import image_bytes
 from tests.test_network_pipelines import orchestrator_with_all
 
@@ -172,3 +172,149 @@ async def test_page_shows_the_orchestrator_change_of_a_failover(
             await browser.close()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "gateway-page-failover.png")
+
+
+async def test_page_keeps_history_shows_every_image_reuses_a_seed_and_resets_after_an_error(
+    running: RunningOrchestrator, tmp_path: Path
+) -> None:
+    assert Path(CHROMIUM).exists(), "install Debian's chromium (make test does: apt-get install)"
+    shots: list[Path] = []
+    async with (
+        gateway_on_loopback([running.url], tmp_path / "outputs") as gw,
+        async_playwright() as pw,
+    ):
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1200, "height": 900})
+            await page.goto(gw.url + "/")
+            # The model list comes from /offers, with prices.
+            await page.wait_for_function(
+                f"document.querySelector('#models option[value=\"{TINY_SD}\"]') !== null",
+                timeout=10_000,
+            )
+            assert "wei/pixel-step" in await page.inner_text("#offers-hint")
+
+            # Two images of one prompt: both shown, each with its seed and a download link.
+            await page.fill("#prompt", "two lighthouses")
+            for field, text in (("#width", "64"), ("#height", "64"), ("#steps", "4")):
+                await page.fill(field, text)
+            await page.fill("#preview_every", "2")
+            await page.fill("#seed", "21")
+            await page.fill("#guidance_scale", "6")
+            await page.fill("#num_images", "2")
+            await page.click("#submit")
+            await page.wait_for_function(
+                "[...document.querySelectorAll('#result .result-media')]"
+                ".filter(i => i.naturalWidth === 64).length === 2",
+                timeout=60_000,
+            )
+            results = page.locator("#result .result-media")
+            assert [await results.nth(i).get_attribute("data-seed") for i in (0, 1)] == [
+                "21",
+                "22",
+            ]  # ai-runner's rule: image i has seed + i
+            downloads = page.locator("#result a.download")
+            assert await downloads.count() == 2
+            assert (await downloads.nth(1).get_attribute("href") or "").endswith(".png")
+            assert await page.get_attribute("#progress", "role") == "progressbar"
+            assert await page.get_attribute("#progress", "aria-valuenow") == "100"
+            assert await page.get_attribute("#status", "aria-live") == "polite"
+
+            # Reuse the second image's seed.
+            await page.locator("#result .reuse-seed").nth(1).click()
+            assert await page.input_value("#seed") == "22"
+
+            # A job that fails: nothing of the last job, or of this one, stays on screen.
+            await page.fill("#model_id", "nope/none")
+            await page.click("#submit")
+            await page.wait_for_function(
+                "document.getElementById('status').classList.contains('error')", timeout=60_000
+            )
+            assert (await page.inner_text("#status")).startswith("unknown_model: ")
+            assert await page.inner_text("#progress-text") == "failed: unknown_model"
+            for field in ("#rate", "#eta", "#cost", "#tickets"):
+                assert await page.inner_text(field) == "-", field
+            assert await page.locator("#result .result-media").count() == 0
+            assert "no result" in await page.inner_text("#result")
+            assert await page.get_attribute("#progress", "aria-valuenow") == "0"
+            assert await page.locator("#preview").is_hidden()
+            shots.append(tmp_path / "gateway-page-error.png")
+            await page.screenshot(path=str(shots[-1]), full_page=True)
+
+            # The history survives a reload: both images, their seeds, and reuse.
+            await page.reload()
+            items = page.locator("#history .history-item")
+            await page.wait_for_function(
+                "[...document.querySelectorAll('#history img')]"
+                ".filter(i => i.naturalWidth === 64).length === 2",
+                timeout=10_000,
+            )
+            assert [await items.nth(i).get_attribute("data-seed") for i in (0, 1)] == ["21", "22"]
+            await items.nth(0).locator(".reuse-seed").click()
+            assert await page.input_value("#seed") == "21"
+            assert await page.input_value("#prompt") == "two lighthouses"
+            assert await page.input_value("#guidance_scale") == "6"
+            shots.append(tmp_path / "gateway-page-history.png")
+            await page.screenshot(path=str(shots[-1]), full_page=True)
+
+            # On a phone the preview and result frames stack.
+            await page.set_viewport_size({"width": 390, "height": 844})
+            preview = await page.locator("#preview-frame").bounding_box()
+            result = await page.locator("#result").bounding_box()
+            assert preview is not None and result is not None
+            assert result["y"] >= preview["y"] + preview["height"]
+            assert preview["x"] + preview["width"] <= 390
+            shots.append(tmp_path / "gateway-page-narrow.png")
+            await page.screenshot(path=str(shots[-1]), full_page=True)
+        finally:
+            await browser.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for shot in shots:
+        shutil.copy(shot, ARTIFACTS / shot.name)
+
+
+async def test_page_shows_the_input_image_and_resets_after_a_cancel(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    upload = tmp_path / "input.png"
+    upload.write_bytes(image_bytes(48, 32))
+    async with (
+        loopback_orchestrator(tiny_model, FaultPlan(step_seconds=0.2)) as slow,
+        gateway_on_loopback([slow.url], tmp_path / "outputs") as gw,
+        async_playwright() as pw,
+    ):
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1200, "height": 820})
+            await page.goto(gw.url + "/")
+            await page.select_option("#pipeline", "image-to-image")
+            await page.set_input_files("#image", str(upload))
+            await page.wait_for_function(
+                "document.getElementById('input-preview').naturalWidth === 48", timeout=10_000
+            )
+            assert await page.locator("#input-preview").is_visible()
+
+            await page.select_option("#pipeline", "text-to-image")
+            for field, text in (("#width", "64"), ("#height", "64"), ("#steps", "200")):
+                await page.fill(field, text)
+            await page.fill("#preview_every", "1")
+            await page.click("#submit")
+            await page.wait_for_function(
+                "document.getElementById('preview').dataset.changes >= '2'", timeout=60_000
+            )
+            assert (await page.inner_text("#progress-text")).startswith("step ")
+            await page.click("#cancel")
+            await page.wait_for_function(
+                "document.getElementById('progress-text').textContent === 'cancelled'",
+                timeout=60_000,
+            )
+            assert await page.inner_text("#eta") == "-" and await page.inner_text("#rate") == "-"
+            assert "paid before it stopped" in await page.inner_text("#cost")
+            assert (await page.inner_text("#status")).startswith("cancelled")
+            assert not await page.is_disabled("#submit") and await page.is_disabled("#cancel")
+            shot = tmp_path / "gateway-page-cancelled.png"
+            await page.screenshot(path=str(shot), full_page=True)
+        finally:
+            await browser.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / shot.name)

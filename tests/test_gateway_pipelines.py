@@ -74,7 +74,7 @@ async def test_image_to_image_returns_pngs_of_the_input_size(
                 "guidance_scale": "7.5",
                 "image_guidance_scale": "1.5",
                 "negative_prompt": "",
-                "safety_check": "true",
+                "safety_check": "false",
                 "seed": "7",
                 "num_inference_steps": "6",
                 "num_images_per_prompt": "2",
@@ -88,6 +88,11 @@ async def test_image_to_image_returns_pngs_of_the_input_size(
                 png = await fetch_output(client, media, gw.url, ".png")
                 with Image.open(io.BytesIO(png)) as img:
                     assert img.format == "PNG" and img.size == size
+                    # What made it, as AUTOMATIC1111 writes it into its PNGs.
+                    made = img.info["parameters"].splitlines()
+                    assert made[0] == "the same in winter"
+                    assert f"Seed: {media['seed']}" in made[-1] and f"Model: {model_id}" in made[-1]
+                    assert "Steps: 6" in made[-1] and "Denoising strength: 0.5" in made[-1]
             assert body["images"][0]["seed"] == 7
             # int(6 x 0.5) = 3 executed steps per image: the orchestrator counted them.
             outcome = all_pipelines.orch.stats.outcomes[-1]
@@ -138,7 +143,7 @@ async def test_image_to_video_returns_one_mp4_and_streams_its_job(
     assert kinds[-1] == "result"
     accepted = events[1]
     assert accepted["steps"] == 3 and accepted["pixels_per_step"] == 64 * 48 * 4
-    assert accepted["fee_wei"] == float(64 * 48 * 4 * 3 * PRICE)
+    assert accepted["fee_wei"] == str(64 * 48 * 4 * 3 * PRICE)
     previews = [e for e in events if e["type"] == "preview"]
     assert [p["step"] for p in previews] == [2, 3] and len(previews) == math.ceil(3 / 2)
     assert events[-1]["images"][0]["url"].endswith(".mp4")

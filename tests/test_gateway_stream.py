@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,17 @@ import httpx
 import pytest
 from PIL import Image
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-from broadcaster.gateway.hub import JobStream
+from broadcaster.gateway.app import HEARTBEAT_SECONDS
+from broadcaster.gateway.hub import SUPERSEDING, JobStream
+from broadcaster.gateway.jobs import GatewayJob
+from broadcaster.gateway.requests import TextToImageRequest
+from broadcaster.gateway.streams import preview_frame
 from pipelines.loader import LoadedModel
+from protocol.messages import TextToImageParams
 from tests.conftest import PRICE, RunningOrchestrator, orchestrator_on_loopback
-from tests.gateway_helpers import gateway_on_loopback, sse_events
+from tests.gateway_helpers import gateway_on_loopback, sse_events, ws_events
 
 pytestmark = pytest.mark.anyio
 
@@ -52,15 +59,20 @@ def check_job_events(events: list[dict[str, Any]], running: RunningOrchestrator)
     assert types.count("accepted") == 1 and types.count("result") == 1
     accepted, result = events[1], events[-1]
     assert accepted["steps"] == STEPS
-    assert accepted["fee_wei"] == float(64 * 64 * STEPS * PRICE)
+    assert accepted["fee_wei"] == str(64 * 64 * STEPS * PRICE)  # exact: a decimal string
+    assert accepted["price_per_pixel_step_wei"] == str(PRICE)
 
     previews = [e for e in events if e["type"] == "preview"]
     assert len(previews) == math.ceil(STEPS / EVERY)
     assert [p["step"] for p in previews] == [2, 4, 6, 7]
     for p in previews:
-        head, data = p["image"].split(",", 1)
-        assert head == f"data:image/{p['format']};base64"
-        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+        if "image_bytes" in p:  # WebSocket: a binary frame
+            data = p["image_bytes"]
+        else:  # SSE: a data URL
+            head, text = p["image"].split(",", 1)
+            assert head == f"data:image/{p['format']};base64"
+            data = base64.b64decode(text)
+        Image.open(io.BytesIO(data)).verify()
 
     progress = [e for e in events if e["type"] == "progress"]
     assert [e["step"] for e in progress] == sorted(e["step"] for e in progress)
@@ -69,15 +81,16 @@ def check_job_events(events: list[dict[str, Any]], running: RunningOrchestrator)
     assert all(e["steps_per_second"] >= 0 for e in progress)
 
     payments = [e for e in events if e["type"] == "payment"]
-    paid = [p["ev_paid_wei"] for p in payments]
+    assert all(isinstance(p["ev_paid_wei"], str) for p in payments)
+    paid = [int(p["ev_paid_wei"]) for p in payments]
     assert paid == sorted(paid)
     one_ticket = paid[0] / payments[0]["tickets"]
-    fee = accepted["fee_wei"]
+    fee = int(accepted["fee_wei"])
     assert fee <= paid[-1] <= fee + one_ticket * 1.000001
-    assert result["ev_paid_wei"] == paid[-1] and result["fee_wei"] == fee
+    assert int(result["ev_paid_wei"]) == paid[-1] and result["fee_wei"] == accepted["fee_wei"]
     assert result["tickets_sent"] == payments[-1]["tickets_total"]
     assert result["steps"] == STEPS and result["images"][0]["seed"] == 5
-    assert running.orch.stats.ev_received == pytest.approx(paid[-1], rel=1e-9)
+    assert abs(running.orch.stats.ev_received - paid[-1]) <= Fraction(1, 2)  # to the wei
 
 
 async def test_websocket_follows_a_job_from_accepted_to_result(
@@ -89,11 +102,10 @@ async def test_websocket_follows_a_job_from_accepted_to_result(
     ):
         job = await submit(client, job_body())
         ws_url = gw.url.replace("http://", "ws://") + job["ws_url"]
-        events = []
         with anyio.fail_after(60):
             async with connect(ws_url) as ws:
-                async for message in ws:  # the gateway closes after the terminal event
-                    events.append(json.loads(message))
+                # The gateway closes after the terminal event.
+                events = [e async for e in ws_events(ws)]
         check_job_events(events, running)
         # The result's URL serves the PNG, and the job's status says it is done.
         image = await client.get(events[-1]["images"][0]["url"])
@@ -130,13 +142,10 @@ async def test_cancel_by_websocket_message_and_by_delete(
         with anyio.fail_after(60):
             async with connect(ws_url) as ws:
                 events = []
-                async for message in ws:
-                    events.append(json.loads(message))
-                    if events[-1]["type"] == "preview":
+                async for event in ws_events(ws):
+                    events.append(event)
+                    if event["type"] == "preview" and event["step"] == 1:
                         await ws.send(json.dumps({"type": "cancel"}))
-                        break
-                async for message in ws:
-                    events.append(json.loads(message))
         assert events[-1]["type"] == "error" and events[-1]["code"] == "cancelled"
 
         # By DELETE, followed over SSE.
@@ -212,3 +221,96 @@ async def test_every_gateway_log_line_of_a_job_names_it(
             assert record.job_id == job["job_id"], record.getMessage()
     orch_lines = [r for r in job_lines if r.name == "orchestrator.server"]
     assert orch_lines and all(r.job_id == job["job_id"] for r in orch_lines)
+
+
+async def test_sse_numbers_events_and_resumes_after_last_event_id(
+    running: RunningOrchestrator, tmp_path: Path
+) -> None:
+    async with (
+        gateway_on_loopback([running.url], tmp_path) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
+    ):
+        job = await submit(client, job_body())
+        async with client.stream("GET", job["events_url"]) as response:
+            first_line = await anext(response.aiter_lines())
+        assert first_line == "retry: 3000"  # how long a browser waits to reconnect
+
+        # Read until the first preview, drop the connection, resume from the last id.
+        with anyio.fail_after(60):
+            before = []
+            async for event in sse_events(client, job["events_url"]):
+                before.append(event)
+                if event["type"] == "preview":
+                    break
+            last = before[-1]["_id"]
+            after = [e async for e in sse_events(client, job["events_url"], last_event_id=last)]
+        ids = [e["_id"] for e in before + after]
+        assert ids == sorted(set(ids)) and after[0]["_id"] > last
+        kept = [e["type"] for e in before + after if e["type"] not in SUPERSEDING]
+        assert kept == ["orchestrator_changed", "accepted", "result"]  # none missed or repeated
+        assert after[-1]["type"] == "result" and after[-1]["steps"] == STEPS
+
+        # The job has ended: resuming after `accepted` replays what followed it, coalesced.
+        whole = [e async for e in sse_events(client, job["events_url"])]
+        accepted_id = next(e["_id"] for e in whole if e["type"] == "accepted")
+        tail = [e async for e in sse_events(client, job["events_url"], accepted_id)]
+        # (the latest progress, preview and payment, in the order they were published)
+        assert sorted(e["type"] for e in tail) == ["payment", "preview", "progress", "result"]
+        assert all(e["_id"] > accepted_id for e in tail) and tail[-1]["type"] == "result"
+        assert tail == [e for e in whole if e["_id"] > accepted_id]
+        assert [e async for e in sse_events(client, job["events_url"], whole[-1]["_id"])] == []
+        bad = await client.get(job["events_url"], headers={"Last-Event-ID": "yesterday"})
+        assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["error"]["message"]
+
+
+async def test_sse_sends_a_heartbeat_while_a_job_is_silent(
+    running: RunningOrchestrator, tmp_path: Path
+) -> None:
+    async with (
+        gateway_on_loopback([running.url], tmp_path, heartbeat_seconds=0.05) as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=60) as client,
+    ):
+        # A job that publishes nothing until the test says so.
+        request = TextToImageRequest(prompt="x")
+        job = GatewayJob("silent", request, TextToImageParams(prompt="x"), gw.url + "/")
+        gw.gateway.jobs.jobs[job.job_id] = job
+        lines = []
+        with anyio.fail_after(30):
+            async with client.stream("GET", "/jobs/silent/events") as response:
+                async for line in response.aiter_lines():
+                    lines.append(line)
+                    if line == ": heartbeat" and lines.count(line) == 2:
+                        job.stream.publish({"type": "error", "code": "cancelled"})
+        assert lines[0] == "retry: 3000"
+        assert lines.count(": heartbeat") >= 2  # one per quiet interval, until the event
+        event = ["id: 1", "event: error", 'data: {"type": "error", "code": "cancelled"}']
+        assert event in [lines[i : i + 3] for i in range(len(lines))]
+    assert HEARTBEAT_SECONDS <= 15
+
+
+async def test_websocket_previews_are_binary_frames_and_unknown_jobs_an_error_event(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    frame = preview_frame({"format": "webp", "image": "data:image/webp;base64,AAEC"})
+    assert frame == b"\x00\x00\x00\x01" + b"\x00\x00\x00\x03" + b"\x00\x01\x02"
+    assert preview_frame({"format": "png", "image": "data:image/png;base64,AA=="})[4:8] == (
+        b"\x00\x00\x00\x02"
+    )
+    async with (
+        orchestrator_on_loopback(tiny_model) as running,
+        gateway_on_loopback([running.url], tmp_path, token="s3cret") as gw,
+    ):
+        base = gw.url.replace("http://", "ws://")
+        with anyio.fail_after(30):
+            async with connect(f"{base}/jobs/no-such-job/ws?token=s3cret") as ws:
+                error = json.loads(await ws.recv())
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+            assert ws.close_code == 4404
+            assert error["type"] == "error" and error["code"] == "unknown_job"
+            assert error["status"] == 404 and "no-such-job" in error["message"]
+            async with connect(f"{base}/jobs/no-such-job/ws") as ws:
+                error = json.loads(await ws.recv())
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+            assert ws.close_code == 4401 and error["code"] == "unauthorized"

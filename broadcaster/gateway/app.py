@@ -2,9 +2,12 @@
 
 Routes (spec/GATEWAY.md is the reference):
   POST /text-to-image, /image-to-image, /image-to-video   Livepeer AI API, waits for the result
+  POST /upscale, /llm, ...       Livepeer routes not served here: an error that says so
   POST /jobs/{pipeline}          same bodies; answers 202 with a job id at once
   GET /jobs/{id}, DELETE /jobs/{id}, GET /jobs/{id}/events (SSE), WS /jobs/{id}/ws
-  GET /outputs/{key}, GET /openapi.json, GET /metrics, GET /health, GET / (the page)
+  GET /offers, GET /outputs/{key}, GET /openapi.json, GET /metrics, GET /health, GET / (page)
+
+Every request first passes the RequestGuard (origins, hosts, CORS).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from fractions import Fraction
 from importlib import resources
 from typing import Any
 
@@ -22,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -30,8 +35,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from broadcaster.discovery import DEFAULT_REFRESH_SECONDS
 from broadcaster.failover import JobRunner
 from broadcaster.gateway.errors import ApiError, from_job_error, invalid
-from broadcaster.gateway.jobs import GatewayJob, JobManager
+from broadcaster.gateway.guard import RequestGuard
+from broadcaster.gateway.jobs import DEFAULT_MAX_JOBS_PER_CLIENT, GatewayJob, JobManager
 from broadcaster.gateway.metrics import GatewayMetrics
+from broadcaster.gateway.offers import offer_list
 from broadcaster.gateway.openapi import openapi_document
 from broadcaster.gateway.requests import (
     MAX_UPLOAD_BYTES,
@@ -40,10 +47,22 @@ from broadcaster.gateway.requests import (
     build_request,
 )
 from broadcaster.gateway.storage import OutputNotFound, Storage
+from broadcaster.gateway.streams import sse_stream, websocket_stream
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/", "/health", "/openapi.json", "/metrics")
+OPEN_PATHS = ("/", "/health", "/offers", "/openapi.json", "/metrics")
+UNSERVED_LIVEPEER_ROUTES = (
+    "audio-to-text",
+    "image-to-text",
+    "live-video-to-video",
+    "llm",
+    "segment-anything-2",
+    "text-to-speech",
+    "upscale",
+)
+"""Livepeer AI API routes this gateway does not serve: they answer an error that says so."""
+HEARTBEAT_SECONDS = 15.0
 
 
 class Gateway:
@@ -51,7 +70,8 @@ class Gateway:
 
     Jobs run through `runner` (selection, failover, resume); while the app
     runs, the runner's discovery asks the orchestrators for their info every
-    `refresh_seconds`.
+    `refresh_seconds`. Without a `token` the gateway answers loopback hosts
+    only; `allow_origins` are the other sites whose pages may use it.
     """
 
     def __init__(
@@ -61,22 +81,39 @@ class Gateway:
         token: str | None = None,
         metrics: GatewayMetrics | None = None,
         refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
+        *,
+        allow_origins: Sequence[str] = (),
+        max_jobs_per_client: int = DEFAULT_MAX_JOBS_PER_CLIENT,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
         self.storage = storage
         self.token = token
         self.runner = runner
         self.refresh_seconds = refresh_seconds
-        self.jobs = JobManager(runner, storage, self.metrics)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.jobs = JobManager(
+            runner, storage, self.metrics, max_jobs_per_client=max_jobs_per_client
+        )
+        guard = Middleware(
+            RequestGuard, allow_origins=allow_origins, loopback_hosts_only=token is None
+        )
+        unserved = [
+            Route(f"/{name}", self.unserved_route, methods=["POST"])
+            for name in UNSERVED_LIVEPEER_ROUTES
+        ]
         self.app = Starlette(
+            middleware=[guard],
             routes=[
                 Route("/", self.page),
                 Route("/health", self.health),
+                Route("/offers", self.offers),
                 Route("/openapi.json", self.openapi),
                 Route("/metrics", self.scrape),
                 Route("/text-to-image", self.livepeer_route, methods=["POST"]),
                 Route("/image-to-image", self.livepeer_route, methods=["POST"]),
                 Route("/image-to-video", self.livepeer_route, methods=["POST"]),
+                *unserved,
                 Route("/jobs/{pipeline}", self.submit_job, methods=["POST"]),
                 Route("/jobs/{job_id}", self.job_status, methods=["GET"]),
                 Route("/jobs/{job_id}", self.cancel_job, methods=["DELETE"]),
@@ -135,7 +172,36 @@ class Gateway:
         return HTMLResponse(html)
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "OK"})
+        """OK while some orchestrator answered its last info request; else 503 degraded."""
+        statuses = self.runner.discovery.statuses
+        reachable = sum(1 for s in statuses if s.reachable)
+        body = {
+            "status": "OK" if reachable else "degraded",
+            "orchestrators": len(self.runner.discovery.urls),
+            "reachable": reachable,
+        }
+        if not reachable:
+            body["detail"] = "no orchestrator answered when last asked: jobs cannot run"
+        return JSONResponse(body, status_code=200 if reachable else 503)
+
+    async def offers(self, request: Request) -> Response:
+        """What the orchestrators offer now: pipelines, models and prices, for model lists."""
+        max_price: Fraction | None = self.runner.max_price
+        return JSONResponse(
+            {
+                "offers": offer_list(self.runner.discovery.statuses, max_price),
+                "max_price_per_pixel_step_wei": None if max_price is None else str(max_price),
+            }
+        )
+
+    async def unserved_route(self, request: Request) -> Response:
+        name = request.url.path.strip("/")
+        raise ApiError(
+            404,
+            "unsupported_pipeline",
+            f"this gateway does not serve the Livepeer {name} route; "
+            f"it serves {', '.join(PIPELINES)}",
+        )
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
@@ -183,7 +249,9 @@ class Gateway:
         """A Livepeer AI route: run the job and answer `{"images": [...]}` when it ends."""
         self._authorize(request)
         pipeline = request.url.path.strip("/")
-        job = self.jobs.submit(await self._parse(request, pipeline), str(request.base_url))
+        job = self.jobs.submit(
+            await self._parse(request, pipeline), str(request.base_url), client=_client(request)
+        )
         await job.done.wait()
         terminal = job.stream.terminal
         assert terminal is not None
@@ -198,7 +266,9 @@ class Gateway:
         pipeline = request.path_params["pipeline"]
         parsed = await self._parse(request, pipeline)
         hold = request.query_params.get("wait_for_subscriber", "").lower() in ("1", "true")
-        job = self.jobs.submit(parsed, str(request.base_url), wait_for_subscriber=hold)
+        job = self.jobs.submit(
+            parsed, str(request.base_url), wait_for_subscriber=hold, client=_client(request)
+        )
         return JSONResponse(
             {
                 "job_id": job.job_id,
@@ -222,49 +292,46 @@ class Gateway:
         return JSONResponse({"job_id": job.job_id, "cancelling": True}, status_code=202)
 
     async def job_events(self, request: Request) -> Response:
-        """Server-Sent Events: `event: <type>` and `data: <json>` per job event."""
+        """Server-Sent Events, resumable with Last-Event-ID (spec/GATEWAY.md section 3)."""
         job = self._job(request)
-
-        async def stream() -> AsyncIterator[str]:
-            with job.stream.subscribe() as sub:
-                while (event := await sub.next()) is not None:
-                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-
+        given = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        after = 0
+        if given:
+            try:
+                after = int(given)
+            except ValueError:
+                raise invalid(
+                    f"Last-Event-ID must be an event id (an integer), got {given!r}"
+                ) from None
         return StreamingResponse(
-            stream(),
+            sse_stream(job.stream, after, self.heartbeat_seconds),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     async def job_socket(self, ws: WebSocket) -> None:
-        """Events as JSON text messages; `{"type": "cancel"}` from the client cancels."""
+        """Events as JSON text messages, previews as binary frames; `{"type": "cancel"}` cancels.
+
+        A job that does not exist (or a missing token) is told as the stream's
+        `error` event, then the socket closes with 4000 + the HTTP status.
+        """
+        await ws.accept()
         try:
             job = self._job(ws)
         except ApiError as err:
-            await ws.close(code=1008, reason=err.code)  # policy violation: no such job, no token
+            error = {
+                "type": "error",
+                "code": err.code,
+                "message": err.message,
+                "status": err.status,
+            }
+            with contextlib.suppress(WebSocketDisconnect):
+                await ws.send_json(error)
+                await ws.close(code=4000 + err.status, reason=err.code)
             return
-        await ws.accept()
+        await websocket_stream(ws, job, self.jobs.cancel)
 
-        async with anyio.create_task_group() as tg:
 
-            async def read_commands() -> None:
-                with contextlib.suppress(WebSocketDisconnect):
-                    while True:
-                        try:
-                            command = json.loads(await ws.receive_text())
-                        except ValueError:
-                            command = None
-                        if isinstance(command, dict) and command.get("type") == "cancel":
-                            await self.jobs.cancel(job)
-                        else:
-                            await ws.send_json(
-                                {"type": "warning", "message": 'send {"type": "cancel"} to cancel'}
-                            )
-                tg.cancel_scope.cancel()  # the client left: stop sending
-
-            tg.start_soon(read_commands)
-            with job.stream.subscribe() as sub, contextlib.suppress(WebSocketDisconnect):
-                while (event := await sub.next()) is not None:
-                    await ws.send_json(event)
-                await ws.close(1000)
-            tg.cancel_scope.cancel()
+def _client(conn: HTTPConnection) -> str:
+    """Who a request comes from, for the per-client limit: its remote address."""
+    return conn.client.host if conn.client is not None else ""

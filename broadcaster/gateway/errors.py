@@ -2,7 +2,9 @@
 
 go-livepeer's gateway answers errors as `{"error": {"message": ...}}`
 (server/handlers.go, APIErrorResponse); we add a machine-readable `code`
-beside the message, which Livepeer clients ignore.
+beside the message, which Livepeer clients ignore. ai-runner answers
+`{"detail": {"msg": ...}}`, and the Livepeer AI SDK (livepeer-ai) parses
+only that shape: every error carries both, with the same message.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ class ApiError(Exception):
         self.message = message
 
     def body(self) -> dict[str, dict[str, str]]:
-        return {"error": {"message": self.message, "code": self.code}}
+        return {
+            "error": {"message": self.message, "code": self.code},
+            "detail": {"msg": self.message},
+        }
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 def invalid(message: str) -> ApiError:

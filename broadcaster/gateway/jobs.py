@@ -11,7 +11,6 @@ line of the task carries the job id.
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import time
@@ -27,13 +26,15 @@ from PIL import Image
 
 from broadcaster.failover import JobRunner
 from broadcaster.gateway.errors import ApiError, from_job_error
+from broadcaster.gateway.event_json import event_json, wei
 from broadcaster.gateway.hub import JobStream, JsonEvent
-from broadcaster.gateway.metrics import GatewayMetrics
-from broadcaster.gateway.offers import resolve_model
+from broadcaster.gateway.metrics import GatewayMetrics, outcome_label
+from broadcaster.gateway.offers import offered_model_ids, resolve_model
 from broadcaster.gateway.params import checked_params
-from broadcaster.gateway.requests import GatewayRequest
+from broadcaster.gateway.requests import GatewayRequest, ImageToVideoRequest, TextToImageRequest
 from broadcaster.gateway.storage import Storage
 from broadcaster.gateway.video import encode_mp4
+from broadcaster.image_files import encode_image, parameters_text
 from broadcaster.job_control import JobControl
 from protocol.errors import ErrorCode
 from protocol.job_events import (
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 MAX_KEPT_JOBS = 1000
 HOLD_TIMEOUT = 30.0
+DEFAULT_MAX_JOBS_PER_CLIENT = 4
+"""Jobs one client (one remote address) may have in flight; more are a 429."""
 
 
 @dataclass
@@ -69,6 +72,8 @@ class GatewayJob:
     cancel_requested: bool = False
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     submitted: float = field(default_factory=time.monotonic)
+    client: str = ""
+    """Who submitted it (the remote address), for the per-client limit."""
 
     def status(self) -> dict[str, Any]:
         terminal = self.stream.terminal
@@ -79,10 +84,6 @@ class GatewayJob:
             "orchestrator": self.orchestrator,
             "result": terminal,
         }
-
-
-def _data_url(fmt: str, data: bytes) -> str:
-    return f"data:image/{fmt};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 @dataclass
@@ -109,12 +110,16 @@ class JobManager:
         storage: Storage,
         metrics: GatewayMetrics,
         preview_format: str = "webp",
+        max_jobs_per_client: int = DEFAULT_MAX_JOBS_PER_CLIENT,
     ) -> None:
         self.runner = runner
         self.storage = storage
         self.metrics = metrics
         self.preview_format = preview_format
+        self.max_jobs_per_client = max_jobs_per_client
         self.jobs: OrderedDict[str, GatewayJob] = OrderedDict()
+        self.in_flight: dict[str, int] = {}
+        """Jobs not yet ended, per client."""
         self._tg: anyio.abc.TaskGroup | None = None
 
     def attach(self, tg: anyio.abc.TaskGroup | None) -> None:
@@ -122,12 +127,25 @@ class JobManager:
         self._tg = tg
 
     def submit(
-        self, request: GatewayRequest, base_url: str, wait_for_subscriber: bool = False
+        self,
+        request: GatewayRequest,
+        base_url: str,
+        wait_for_subscriber: bool = False,
+        client: str = "",
     ) -> GatewayJob:
         if self._tg is None:
             raise ApiError(503, "internal_error", "the gateway is not running")
         params = checked_params(request)  # a bad request is a 400 before any job exists
-        job = GatewayJob(uuid.uuid4().hex, request, params, base_url)
+        running = self.in_flight.get(client, 0)
+        if running >= self.max_jobs_per_client:
+            raise ApiError(
+                429,
+                "too_many_jobs",
+                f"{running} jobs of yours are running; at most {self.max_jobs_per_client} "
+                "may be in flight at once: wait for one to end or cancel one",
+            )
+        job = GatewayJob(uuid.uuid4().hex, request, params, base_url, client=client)
+        self.in_flight[client] = running + 1
         self.jobs[job.job_id] = job
         while len(self.jobs) > MAX_KEPT_JOBS:
             oldest = next(iter(self.jobs.values()))
@@ -159,7 +177,7 @@ class JobManager:
     async def _run(self, job: GatewayJob, wait_for_subscriber: bool) -> None:
         current_job_id.set(job.job_id)
         req = job.request
-        labels = (req.pipeline, req.model_id or "-")
+        labels = (req.pipeline, self.model_label(req.model_id))
         outcome = "internal_error"
         try:
             with job.scope:
@@ -180,9 +198,24 @@ class JobManager:
             log.exception("job failed inside the gateway")
             self._publish_error(job, ErrorCode.INTERNAL_ERROR.value, f"gateway error: {exc}", 500)
         finally:
-            self.metrics.jobs.labels(*labels, outcome).inc()
+            self.metrics.jobs.labels(*labels, outcome_label(outcome)).inc()
+            left = self.in_flight.get(job.client, 1) - 1
+            if left > 0:
+                self.in_flight[job.client] = left
+            else:
+                self.in_flight.pop(job.client, None)
             job.done.set()
             log.info("job ended: %s", outcome)
+
+    def model_label(self, model_id: str) -> str:
+        """The metrics' model label: a model some orchestrator offers, else "other".
+
+        Requests name any model they like; labelling by it would let anyone
+        grow the metrics without bound.
+        """
+        if model_id in offered_model_ids(self.runner.discovery.statuses):
+            return model_id
+        return "other"
 
     async def _follow(self, job: GatewayJob, model_id: str, labels: tuple[str, str]) -> str:
         """Run the job through the runner, publishing each event; the outcome for the metrics."""
@@ -204,7 +237,7 @@ class JobManager:
                 continue
             if isinstance(event, JobResult):
                 self.metrics.steps_per_second.labels(*labels).observe(event.steps_per_second)
-                images = await anyio.to_thread.run_sync(self._store, req, event)
+                images = await anyio.to_thread.run_sync(self._store, req, event, model_id)
                 job.stream.publish(self._result_event(job, event, images))
                 log.info(
                     "result: %d steps, %.1f steps/s, EV paid %.0f of fee %.0f wei",
@@ -220,7 +253,9 @@ class JobManager:
                 self._publish_error(job, event.code, event.message, err.status)
                 return event.code
             self._count(job, event, spent, labels)
-            json_event = self._json(event, spent)
+            json_event = event_json(
+                event, (spent.earlier_paid, spent.earlier_fee, spent.earlier_tickets)
+            )
             if json_event is not None:
                 job.stream.publish(json_event)
             if isinstance(event, Accepted):
@@ -263,7 +298,7 @@ class JobManager:
                 "resumed": change.resumed,
                 "from_step": change.from_step,
                 "previous_delivered_steps": change.delivered_steps,
-                "previous_paid_wei": float(change.paid),
+                "previous_paid_wei": wei(change.paid),
             },
         )
 
@@ -291,8 +326,9 @@ class JobManager:
             self.metrics.ev_paid.inc(float(event.ev_paid - spent.session_paid))
             spent.session_paid, spent.session_tickets = event.ev_paid, event.tickets_total
 
-    def _store(self, req: GatewayRequest, result: JobResult) -> list[dict[str, Any]]:
-        """Outputs to storage: a PNG per image, or one MP4 of all frames for video."""
+    def _store(self, req: GatewayRequest, result: JobResult, model_id: str) -> list[dict[str, Any]]:
+        """Outputs to storage: a PNG per image, with its parameters inside (as A1111 writes
+        them), or one MP4 of all frames for video."""
         if result.frames:
             frames = [Image.open(io.BytesIO(f.image)) for f in result.frames]
             fps = result.fps or getattr(req, "fps", 6)
@@ -301,58 +337,11 @@ class JobManager:
             return [{"key": key, "seed": first.seed, "nsfw": any(f.nsfw for f in result.frames)}]
         out = []
         for img in result.images:
-            data = img.image
-            if img.format.lower() != "png":
-                buf = io.BytesIO()
-                Image.open(io.BytesIO(data)).save(buf, format="PNG")
-                data = buf.getvalue()
+            data = encode_image(img.image, "PNG", _parameters(req, model_id, img.seed, img))
             out.append({"key": self.storage.put(".png", data), "seed": img.seed, "nsfw": img.nsfw})
         return out
 
     # ------------------------------------------------------------------ events
-
-    def _json(self, event: Event, spent: _Spent) -> JsonEvent | None:
-        if isinstance(event, Accepted):
-            return {
-                "type": "accepted",
-                "job_id": event.job_id,
-                "steps": event.steps,
-                "pixels_per_step": event.pixels_per_step,
-                "price_per_pixel_step_wei": float(event.price_per_pixel_step),
-                "fee_wei": float(event.fee),
-                "window_steps": event.window_steps,
-                "seed": event.seed,
-            }
-        if isinstance(event, ProgressUpdate):
-            rate = event.steps_per_second
-            left = event.total_steps - event.step
-            return {
-                "type": "progress",
-                "step": event.step,
-                "total_steps": event.total_steps,
-                "steps_per_second": rate,
-                "eta_seconds": left / rate if rate > 0 else None,
-            }
-        if isinstance(event, PreviewFrame):
-            return {
-                "type": "preview",
-                "step": event.step,
-                "format": event.format,
-                "width": event.width,
-                "height": event.height,
-                "bytes": len(event.image),
-                "image": _data_url(event.format, event.image),
-            }
-        if isinstance(event, PaymentSent):
-            # Cost so far: this orchestrator's, plus what the ones before it were paid.
-            return {
-                "type": "payment",
-                "tickets": event.tickets,
-                "tickets_total": spent.earlier_tickets + event.tickets_total,
-                "ev_paid_wei": float(spent.earlier_paid + event.ev_paid),
-                "fee_wei": float(spent.earlier_fee + event.fee),
-            }
-        return None
 
     def _result_event(
         self, job: GatewayJob, result: JobResult, images: list[dict[str, Any]]
@@ -364,8 +353,8 @@ class JobManager:
                 for i in images
             ],
             "steps": result.steps,
-            "fee_wei": float(result.fee),
-            "ev_paid_wei": float(result.ev_paid),
+            "fee_wei": wei(result.fee),
+            "ev_paid_wei": wei(result.ev_paid),
             "tickets_sent": result.tickets_sent,
             "seconds": result.seconds,
             "steps_per_second": result.steps_per_second,
@@ -374,3 +363,19 @@ class JobManager:
 
     def _publish_error(self, job: GatewayJob, code: str, message: str, status: int) -> None:
         job.stream.publish({"type": "error", "code": code, "message": message, "status": status})
+
+
+def _parameters(req: GatewayRequest, model_id: str, seed: int, image: Any) -> str:
+    """What made an image, as AUTOMATIC1111 writes it into its PNGs."""
+    if isinstance(req, ImageToVideoRequest):
+        return parameters_text("", {"Seed": seed, "Model": model_id})
+    fields: dict[str, object] = {
+        "Steps": req.num_inference_steps,
+        "CFG scale": req.guidance_scale,
+        "Seed": seed,
+        "Size": f"{image.width}x{image.height}",
+        "Model": model_id,
+    }
+    if not isinstance(req, TextToImageRequest):
+        fields["Denoising strength"] = req.strength
+    return parameters_text(req.prompt, fields, req.negative_prompt)

@@ -1,12 +1,27 @@
-"""Prometheus metrics of one gateway, in its own registry (several may share a process)."""
+"""Prometheus metrics of one gateway, in its own registry (several may share a process).
+
+Every label takes a bounded set of values, whatever clients send and
+orchestrators answer: `pipeline` is one of the gateway's routes, `model` a
+model some orchestrator offers (else `other`, see JobManager.model_label),
+and `outcome` `success` or a known error code (else `other`).
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from protocol.errors import ErrorCode
+
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 RATE_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+OUTCOMES = frozenset({"success", "too_many_jobs", "not_found", *(code.value for code in ErrorCode)})
+"""The values of the `outcome` label; an orchestrator may answer any error code."""
+
+
+def outcome_label(outcome: str) -> str:
+    return outcome if outcome in OUTCOMES else "other"
 
 
 class GatewayMetrics:

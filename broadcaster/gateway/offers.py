@@ -11,8 +11,12 @@ JobRunner's choice (broadcaster/selection.py), not this module's.
 
 from __future__ import annotations
 
+from fractions import Fraction
+from typing import Any
+
 from broadcaster.discovery import Discovery, OrchestratorStatus
 from broadcaster.gateway.errors import ApiError
+from broadcaster.gateway.event_json import wei_rate
 
 
 def offered_model(statuses: list[OrchestratorStatus], pipeline: str, model_id: str) -> str | None:
@@ -23,6 +27,42 @@ def offered_model(statuses: list[OrchestratorStatus], pipeline: str, model_id: s
             if cap.pipeline == pipeline and model_id in ("", cap.model_id):
                 return cap.model_id
     return None
+
+
+def offered_model_ids(statuses: list[OrchestratorStatus]) -> set[str]:
+    """Every model id a reachable orchestrator offers, for any pipeline."""
+    return {cap.model_id for s in statuses if s.info is not None for cap in s.info.capabilities}
+
+
+def offer_list(
+    statuses: list[OrchestratorStatus], max_price: Fraction | None
+) -> list[dict[str, Any]]:
+    """What the reachable orchestrators offer, one entry per pipeline and model.
+
+    The cheapest price comes first per entry, with how many orchestrators
+    offer it (warm ones apart) and whether the gateway's --max-price allows
+    it; orchestrators' URLs are not shown to apps.
+    """
+    found: dict[tuple[str, str], list[Any]] = {}
+    for status in statuses:
+        if status.info is None:
+            continue
+        for cap in status.info.capabilities:
+            found.setdefault((cap.pipeline, cap.model_id), []).append(cap)
+    offers = []
+    for (pipeline, model_id), caps in found.items():
+        price = min(c.price_per_pixel_step for c in caps)
+        offers.append(
+            {
+                "pipeline": pipeline,
+                "model_id": model_id,
+                "price_per_pixel_step_wei": wei_rate(price),
+                "orchestrators": len(caps),
+                "warm": sum(1 for c in caps if c.warm),
+                "within_max_price": max_price is None or price <= max_price,
+            }
+        )
+    return offers
 
 
 async def resolve_model(discovery: Discovery, pipeline: str, model_id: str) -> str:

@@ -21,8 +21,10 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "Bad Request",
         401: "Unauthorized",
+        403: "Forbidden (another site's page, or a non-loopback host without a token)",
         404: "Not Found",
         413: "Request Entity Too Large",
+        429: "Too Many Requests (jobs in flight for this client)",
         500: "Internal Server Error",
         503: "Service Unavailable",
     }
@@ -38,7 +40,9 @@ def _prop(kind: str, description: str, default: Any = None, **extra: Any) -> dic
 
 _COMMON = {
     "model_id": _prop("string", "Model ID; empty picks the first offered model.", ""),
-    "safety_check": _prop("boolean", "Accepted for compatibility; no checker runs here.", True),
+    "safety_check": _prop(
+        "boolean", "No safety checker runs here: true is refused (400), send false.", False
+    ),
     "seed": _prop("integer", "Seed for random number generation.", minimum=0),
     "preview_every": _prop(
         "integer", "stepstream: a preview every N steps.", DEFAULT_PREVIEW_EVERY, minimum=1
@@ -77,7 +81,7 @@ SCHEMAS: dict[str, Any] = {
             **_TEXT,
             "strength": _prop("number", "Degree of transformation (0 to 1).", 0.8),
             "image_guidance_scale": _prop(
-                "number", "Accepted for compatibility; not sent to orchestrators.", 1.5
+                "number", "For instruct-pix2pix, which no model here is: only 1.5 is accepted.", 1.5
             ),
             "num_inference_steps": _prop("integer", "Denoising steps.", 100),
         },
@@ -117,7 +121,28 @@ SCHEMAS: dict[str, Any] = {
             "code": _prop("string", "What went wrong, for programs (stepstream)."),
         },
     ),
-    "HTTPError": _body(["error"], {"error": {"$ref": "#/components/schemas/APIError"}}),
+    "HTTPError": _body(
+        ["error", "detail"],
+        {
+            "error": {"$ref": "#/components/schemas/APIError"},
+            "detail": _body(
+                ["msg"], {"msg": _prop("string", "The same message, in ai-runner's shape.")}
+            ),
+        },
+    ),
+    "Offer": _body(
+        ["pipeline", "model_id", "price_per_pixel_step_wei"],
+        {
+            "pipeline": _prop("string", "A pipeline route."),
+            "model_id": _prop("string", "A model offered for it."),
+            "price_per_pixel_step_wei": _prop(
+                "string", 'The cheapest price, exact: "95367" or "4768371/50".'
+            ),
+            "orchestrators": _prop("integer", "How many orchestrators offer it."),
+            "warm": _prop("integer", "How many of them hold it loaded."),
+            "within_max_price": _prop("boolean", "Whether the gateway's --max-price allows it."),
+        },
+    ),
     "JobSubmitted": _body(
         ["job_id"],
         {
@@ -141,7 +166,7 @@ def _livepeer(summary: str, body: dict[str, Any], op: str) -> dict[str, Any]:
                     "description": "Successful Response",
                     "content": _json({"$ref": "#/components/schemas/ImageResponse"}),
                 },
-                **_errors(400, 401, 413, 500, 503),
+                **_errors(400, 401, 403, 413, 429, 500, 503),
             },
             "security": [{"HTTPBearer": []}],
         }
@@ -213,7 +238,7 @@ def openapi_document() -> dict[str, Any]:
                             "description": "Accepted",
                             "content": _json({"$ref": "#/components/schemas/JobSubmitted"}),
                         },
-                        **_errors(400, 401, 404),
+                        **_errors(400, 401, 403, 404, 429),
                     },
                     "security": [{"HTTPBearer": []}],
                 }
@@ -242,7 +267,16 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "The job's events as Server-Sent Events",
                     "operationId": "job_events",
-                    "parameters": [_JOB_ID],
+                    "parameters": [
+                        _JOB_ID,
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "required": False,
+                            "description": "Resume after this event id.",
+                            "schema": {"type": "integer"},
+                        },
+                    ],
                     "responses": {
                         "200": {
                             "description": "accepted, orchestrator_changed, progress, preview, "
@@ -250,6 +284,38 @@ def openapi_document() -> dict[str, Any]:
                             "content": {"text/event-stream": {"schema": {"type": "string"}}},
                         },
                         **_errors(401, 404),
+                    },
+                }
+            },
+            "/offers": {
+                "get": {
+                    "summary": "Pipelines, models and prices on offer now",
+                    "operationId": "offers",
+                    "responses": {
+                        "200": {
+                            "description": "The offers",
+                            "content": _json(
+                                _body(
+                                    ["offers"],
+                                    {
+                                        "offers": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Offer"},
+                                        }
+                                    },
+                                )
+                            ),
+                        }
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "OK, or 503 degraded when no orchestrator is reachable",
+                    "operationId": "health",
+                    "responses": {
+                        "200": {"description": "OK", "content": _json({"type": "object"})},
+                        "503": {"description": "degraded", "content": _json({"type": "object"})},
                     },
                 }
             },
@@ -263,6 +329,7 @@ def openapi_document() -> dict[str, Any]:
                             "description": "The output",
                             "content": {
                                 "image/png": {"schema": {"type": "string", "format": "binary"}},
+                                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                                 "video/mp4": {"schema": {"type": "string", "format": "binary"}},
                             },
                         },

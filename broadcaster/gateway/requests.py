@@ -6,6 +6,13 @@ the image. Unknown fields are ignored, as FastAPI does there; a wrong type or
 a value out of range is an `invalid_request` error naming the field.
 Our extensions: `preview_every` (how often the job streams a preview) and,
 for image-to-video, `num_frames` (ai-runner leaves it to the model).
+
+Two of ai-runner's fields ask for what no orchestrator here does, and are
+refused rather than ignored: `safety_check: true` (no safety checker runs,
+so no image could be flagged) and an `image_guidance_scale` other than its
+default 1.5 (it steers instruct-pix2pix models only, and none runs here).
+The Livepeer AI SDK sends both defaults on every request, so an SDK user
+passes `safety_check=False`.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ MAX_UPLOAD_BYTES = 12 << 20
 DEFAULT_PREVIEW_EVERY = 5
 DEFAULT_NUM_FRAMES = 25
 """ai-runner sends no frame count: SVD-XT, its default model, makes 25 frames."""
+DEFAULT_IMAGE_GUIDANCE_SCALE = 1.5
+MAX_PROMPT_CHARS = 4000
+"""The wire's limit on a prompt (protocol/messages.py)."""
 
 PIPELINES = ("text-to-image", "image-to-image", "image-to-video")
 
@@ -47,7 +57,7 @@ class TextToImageRequest:
     width: int = 1024
     guidance_scale: float = 7.5
     negative_prompt: str = ""
-    safety_check: bool = True
+    safety_check: bool = False
     seed: int | None = None
     num_inference_steps: int = 50
     num_images_per_prompt: int = 1
@@ -64,9 +74,9 @@ class ImageToImageRequest:
     loras: str = ""
     strength: float = 0.8
     guidance_scale: float = 7.5
-    image_guidance_scale: float = 1.5
+    image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE
     negative_prompt: str = ""
-    safety_check: bool = True
+    safety_check: bool = False
     seed: int | None = None
     num_inference_steps: int = 100
     num_images_per_prompt: int = 1
@@ -84,7 +94,7 @@ class ImageToVideoRequest:
     fps: int = 6
     motion_bucket_id: int = 127
     noise_aug_strength: float = 0.02
-    safety_check: bool = True
+    safety_check: bool = False
     seed: int | None = None
     num_inference_steps: int = 25
     num_frames: int = DEFAULT_NUM_FRAMES
@@ -104,7 +114,7 @@ class _Spec:
     lo: float | None = None
     hi: float | None = None
     required: bool = False
-    max_len: int = 4000
+    max_len: int = MAX_PROMPT_CHARS
     nullable: bool = False
 
 
@@ -207,6 +217,18 @@ def parse_fields(pipeline: str, fields: Mapping[str, Any], from_form: bool) -> d
         raise invalid("prompt must not be empty")
     if out.get("loras"):
         raise invalid("loras are not supported by this gateway")
+    if out.get("safety_check"):
+        raise invalid(
+            "safety_check: no safety checker runs on this gateway's orchestrators, so no "
+            "image could be flagged; send safety_check=false (the Livepeer SDK sends true "
+            "unless told otherwise)"
+        )
+    igs = out.get("image_guidance_scale", DEFAULT_IMAGE_GUIDANCE_SCALE)
+    if igs != DEFAULT_IMAGE_GUIDANCE_SCALE:
+        raise invalid(
+            f"image_guidance_scale: {igs:g} would be ignored: it steers instruct-pix2pix "
+            f"models, and none runs here; leave it out or at {DEFAULT_IMAGE_GUIDANCE_SCALE}"
+        )
     return out
 
 
