@@ -83,6 +83,7 @@ def job_result(job_id: str, tries: list[Try], started: float) -> JobResult:
         steps=tries[-1].offset + final.steps,
         fee=final.fee + sum((t.step_fee * t.delivered for t in earlier), Fraction(0)),
         ev_paid=sum((t.paid for t in tries), Fraction(0)),
+        ev_carried=sum((t.accepted.credit for t in tries if t.accepted), Fraction(0)),
         tickets_sent=sum(t.tickets for t in tries),
         seconds=time.monotonic() - started,
         time_to_first_preview=first_previews[0] if first_previews else None,

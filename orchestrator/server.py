@@ -36,6 +36,7 @@ from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.peer import Peer
 from orchestrator.runner_client import RunnerClient
 from orchestrator.runner_pool import RunnerPool, RunnerSettings, default_runner_devices
+from protocol.balances import DEFAULT_BALANCE_TTL, SenderBalances
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection, State
 from protocol.credit import ticket_odds
@@ -105,6 +106,8 @@ class OrchestratorConfig:
     runners: RunnerSettings | None = None
     """Managed runners; None: one per GPU, else one CPU slot (orchestrator/runner_pool.py)."""
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    balance_ttl: float = DEFAULT_BALANCE_TTL
+    """Seconds a sender's unspent credit is kept after it last changed (spec 7.5)."""
     """Idle timeouts and the cap on connections per client address (spec 3.5)."""
 
 
@@ -161,6 +164,8 @@ class Orchestrator:
         self.runners = RunnerPool(config.models, settings, self.metrics.runner_restarts.inc)
         self._clients: Tally[str] = Tally()
         """Open connections per client address."""
+        self.balances = SenderBalances(config.balance_ttl)
+        """Credit senders paid beyond their jobs' steps, for their next job (spec 7.5)."""
         self.observers: list[Callable[[Message], Awaitable[None]]] = []
         """Awaited after each job message reaches a broadcaster's socket, in order
         (tests use it to break the wire at an exact step)."""
@@ -375,6 +380,10 @@ class Orchestrator:
             await self._refuse(peer, req, err)
             return None
         seed = req.params.seed if req.params.seed is not None else secrets.randbits(32)
+        job_fee = price * shape.pixels_per_step * steps
+        # Taken without an await before the quote goes out: two jobs of one sender
+        # cannot both spend the same balance.
+        carried = self.balances.take(peer.sender, job_fee, time.monotonic())
         quote = make_quote(
             req,
             steps=steps,
@@ -382,6 +391,7 @@ class Orchestrator:
             price_per_pixel_step=price,
             seed=seed,
             ticket_params=params,
+            credit=carried,
         )
         job = OrchestratorJob(
             req,
@@ -394,6 +404,7 @@ class Orchestrator:
             await peer.send(quote)
         except BaseException:
             slot.release()  # the broadcaster left before it heard the quote
+            self.balances.put(peer.sender, carried, time.monotonic())
             raise
         self.stats.jobs_accepted += 1
         log.info("job %s accepted: %d steps, fee %.0f wei", req.job_id, steps, quote.fee)
@@ -508,6 +519,7 @@ class _Host:
 
     def job_ended(self, job: OrchestratorJob, outcome: JobOutcome) -> None:
         self.slot.release()
+        self.orch.balances.put(self.sender, outcome.unspent, time.monotonic())
         self.orch._observe(job.request, outcome, time.monotonic() - self.started)
 
     async def sent(self, job: OrchestratorJob, message: Message) -> None:

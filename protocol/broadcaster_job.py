@@ -136,6 +136,13 @@ class BroadcasterJob:
     def ended(self) -> bool:
         return self.phase is Phase.ENDED
 
+    @property
+    def paid_here(self) -> Fraction:
+        """EV this job paid in its own tickets (not what it carried from earlier jobs)."""
+        if self.schedule is None or self.quote is None:
+            return Fraction(0)
+        return self.schedule.paid - self.quote.credit
+
     def cancel(self) -> list[JobOutput]:
         """The caller cancels: pay nothing more, ask O to stop (it answers `cancelled`)."""
         if self.phase in (Phase.ENDED, Phase.DRAINING) or self.cancelled:
@@ -222,6 +229,8 @@ class BroadcasterJob:
             window_steps=quote.window_steps,
             ticket_ev=ticket_ev(quote.ticket_params.face_value, quote.ticket_params.win_prob),
             lead_steps=self.lead_steps,
+            # What earlier jobs left at this orchestrator counts as paid (spec 7.5).
+            paid=quote.credit,
         )
         self.rate.observe(now, 0)
         accepted = Accepted(
@@ -232,6 +241,7 @@ class BroadcasterJob:
             fee=quote.fee,
             window_steps=quote.window_steps,
             seed=quote.seed,
+            credit=quote.credit,
         )
         self._delivered = 0
         return [Emit(accepted)]
@@ -283,7 +293,8 @@ class BroadcasterJob:
             images=result.images,
             steps=result.steps,
             fee=result.fee,
-            ev_paid=schedule.paid if schedule else Fraction(0),
+            ev_paid=self.paid_here,
+            ev_carried=self.quote.credit if self.quote else Fraction(0),
             tickets_sent=schedule.tickets_sent if schedule else 0,
             seconds=now - self._started,
             time_to_first_preview=self._first_preview,
@@ -326,7 +337,7 @@ class BroadcasterJob:
                 job_id=self.job_id,
                 tickets=count,
                 tickets_total=schedule.tickets_sent,
-                ev_paid=schedule.paid,
+                ev_paid=self.paid_here,
                 fee=self.quote.fee if self.quote else Fraction(0),
             )
             out.append(Emit(sent))

@@ -21,6 +21,8 @@ class Accepted:
     fee: Fraction
     window_steps: int
     seed: int
+    credit: Fraction = Fraction(0)
+    """What the job starts with from the sender's balance at this orchestrator (spec 7.5)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +78,9 @@ class JobResult:
     frames: tuple[ResultImage, ...] = ()
     """Video jobs: the frames in order (then `images` is empty)."""
     fps: int = 0
+    ev_carried: Fraction = Fraction(0)
+    """Credit the job started with, left at the orchestrator by earlier jobs (spec 7.5);
+    `ev_paid` is what this job paid in its own tickets."""
 
 
 @dataclass(frozen=True, kw_only=True)

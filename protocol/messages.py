@@ -260,6 +260,8 @@ class JobAccepted(Message):
     window_steps: UInt32
     seed: UInt32
     ticket_params: TicketParams
+    credit: Annotated[Fraction, Added()] = Fraction(0)
+    """EV the job starts with: the sender's balance left by earlier jobs (spec 7.5)."""
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,11 @@ class JobOutcome:
     earned: Fraction
     error_code: str | None = None
 
+    @property
+    def unspent(self) -> Fraction:
+        """Credit beyond the fee of the steps that ran: the sender's balance (spec 7.5)."""
+        return max(Fraction(0), self.credit - self.earned)
+
 
 @dataclass(frozen=True)
 class Ended:
@@ -125,8 +130,10 @@ def make_quote(
     price_per_pixel_step: Fraction,
     seed: int,
     ticket_params: TicketParams,
+    credit: Fraction = Fraction(0),
 ) -> JobAccepted:
-    """The `accepted` message for a job the orchestrator takes (spec 6.1, 8.2)."""
+    """The `accepted` message for a job the orchestrator takes (spec 6.1, 8.2), starting
+    with `credit` from the sender's balance (7.5)."""
     fee_per_step = price_per_pixel_step * pixels_per_step
     return JobAccepted(
         job_id=request.job_id,
@@ -137,6 +144,7 @@ def make_quote(
         window_steps=request.preview_every,
         seed=seed,
         ticket_params=ticket_params,
+        credit=credit,
     )
 
 
@@ -161,6 +169,7 @@ class OrchestratorJob:
         self.quote = quote
         fee_per_step = quote.price_per_pixel_step * quote.pixels_per_step
         self.ledger = JobCredit(fee_per_step, quote.steps)
+        self.ledger.add(quote.credit)  # carried from the sender's balance (spec 7.5)
         self.window_fee = window_fee(fee_per_step, quote.window_steps, quote.steps)
         self.payment_timeout = payment_timeout
         self.refresh_blocks = refresh_blocks

@@ -322,6 +322,10 @@ def _summary(result: JobResult, journey: _Journey, runner: JobRunner, out: Path)
     lines.append(f"  tickets                {result.tickets_sent} sent, {result.winners} winners")
     ratio = f" ({float(result.ev_paid / result.fee):.3f}x)" if result.fee else ""
     lines.append(f"  EV paid / fee          {_wei(result.ev_paid)} / {_wei(result.fee)}{ratio}")
+    if result.ev_carried:
+        lines.append(
+            f"  credit carried         {_wei(result.ev_carried)} left by earlier jobs of this key"
+        )
     if journey.moves:
         left = ", ".join(sorted({m.old for m in journey.moves}))
         lines.append(f"  paid to orchestrators left  {_wei(journey.paid_to_left)} ({left})")

@@ -217,3 +217,16 @@ def test_a_failed_connection_ends_the_job_once() -> None:
     assert events(job.fail(ErrorCode.INTERNAL_ERROR, "gone"))[0].code == "internal_error"
     assert job.fail(ErrorCode.INTERNAL_ERROR, "again") == []
     assert window_fee(STEP_FEE, EVERY, STEPS) == STEP_FEE * EVERY
+
+
+def test_credit_carried_from_earlier_jobs_counts_as_paid() -> None:
+    """Two windows' credit left by earlier jobs: nothing is paid until the third."""
+    job = new_job()
+    job.on_message(quote(credit=STEP_FEE * 4), 1.0)
+    assert job.payments() == []
+    job.on_message(progress(1), 2.0)
+    assert job.payments() == []
+    job.on_message(progress(3), 3.0)  # steps 1..6 now due: one window beyond the credit
+    pay = job.payments()
+    assert isinstance(pay[0], SendPayment) and pay[0].count == 1
+    assert job.paid_here == job.schedule.paid - STEP_FEE * 4  # type: ignore[union-attr]
