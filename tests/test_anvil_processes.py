@@ -301,10 +301,19 @@ def test_killed_orchestrator_redeems_queued_winner_once(anvil_url: str, tmp_path
     assert not s.o_chain().is_redeemed(row.ticket_hash)
     fees_before = s.fee_pool()
 
+    # Restarted with a warm model that cannot load: it says so and serves on, and the
+    # winner left pending is redeemed all the same (the redeemer starts before any model).
+    broken = {"pipeline": "text-to-image", "model_id": str(tmp_path / "no-such-model"),
+              "warm": True, "price_per_unit": 1, "pixels_per_unit": 1}  # fmt: skip
+    (s.tmp / "aiModels.json").write_text(json.dumps([broken]))
     proc, err, url = start_orchestrator(s)
     try:
         err.expect(r"1 winning tickets from an earlier run are pending")
         err.expect(r"redeemed ticket 0x")
+        # Logged before `listening on`, which start_orchestrator waited for.
+        if not any("cannot load warm model" in line for line in err.seen):
+            err.expect(r"cannot load warm model")
+        assert proc.poll() is None
     finally:
         stop(proc)
     (row,) = queued(s).all()
