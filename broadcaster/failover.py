@@ -51,6 +51,7 @@ from protocol.job_events import (
     Event,
     JobError,
     JobResult,
+    JobStatus,
     OrchestratorChanged,
     PaymentSent,
     PreviewFrame,
@@ -70,6 +71,9 @@ class FailoverPolicy:
     """Seconds: never call a stall sooner than this (network jitter, previews)."""
     first_step_timeout: float = 30.0
     """Seconds from sending the job to its first progress, when nothing is measured."""
+    finish_timeout: float = 30.0
+    """Seconds from the last step's progress to the result (the decode), unless the
+    orchestrator's `status` promises more (spec 9.6)."""
     alone_timeout: float = 60.0
     """Seconds without progress before giving up on an orchestrator when no other one
     could take the job: waiting for a slow one beats failing the job."""
@@ -284,6 +288,9 @@ class JobRunner:
     def _stall_timeout(self, attempt: Try, model_id: str, pixels: int) -> float:
         """k expected step intervals (observed here, else measured before), at least the floor."""
         p = self.policy
+        if attempt.accepted is not None and attempt.delivered >= attempt.accepted.steps:
+            # Every step delivered: the decode and the output follow.
+            return max(p.stall_floor, p.finish_timeout)
         if attempt.delivered == 0:
             first = self.metrics.get(attempt.url, model_id).first_step_seconds
             return (
@@ -294,6 +301,9 @@ class JobRunner:
         observed = attempt.rate.steps_per_second
         if observed > 0:
             interval = 1.0 / observed
+        elif attempt.first_step is not None:
+            # One step seen: it took this long (setup included, so not less than a step).
+            interval = attempt.first_step
         else:
             speed = self.metrics.get(attempt.url, model_id).pixel_steps_per_second
             interval = pixels / speed if speed else p.stall_floor
@@ -345,9 +355,11 @@ class JobRunner:
         )
         last_progress = sent_at
         alone, alone_checked = False, -math.inf
+        promised = 0.0
+        """Seconds the orchestrator's last `status` promised its next message within."""
         try:
             while True:
-                timeout = self._stall_timeout(attempt, model_id, pixels)
+                timeout = max(self._stall_timeout(attempt, model_id, pixels), 2 * promised)
                 # Whether the job could go elsewhere reads the metrics store: ask
                 # at most once a second, not on every event.
                 if time.monotonic() - alone_checked >= 1.0:
@@ -368,7 +380,10 @@ class JobRunner:
                 if isinstance(event, JobError) and control.cancel_requested:
                     attempt.reason = "cancelled"
                 if isinstance(event, ProgressUpdate):
-                    last_progress = now
+                    last_progress, promised = now, 0.0
+                elif isinstance(event, JobStatus):
+                    # Alive in a phase without steps (a load, a decode): wait as promised.
+                    last_progress, promised = now, event.next_within_ms / 1000
                 yield self._to_client(attempt, event)
                 if isinstance(event, Accepted):
                     await control.accepted()
@@ -407,6 +422,7 @@ class JobRunner:
             attempt.accepted = event
         elif isinstance(event, ProgressUpdate):
             if attempt.delivered == 0:
+                attempt.first_step = now - sent_at
                 self.metrics.record_first_step(attempt.url, attempt.model_id, now - sent_at)
             attempt.delivered = event.step
             attempt.rate.observe(now, event.step)

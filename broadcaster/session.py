@@ -29,6 +29,7 @@ from protocol.connection import Connection
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.job_events import Event, JobError
 from protocol.messages import (
+    FEATURES,
     Cancel,
     Capability,
     Error,
@@ -80,7 +81,12 @@ class BroadcasterSession:
                 self._ws = await connect(
                     self.url, max_size=2 * DEFAULT_MAX_FRAME_BYTES, compression=None
                 )
-                await self._send(Hello(sender=self.sender.address_bytes, agent="stepstream/0.1"))
+                hello = Hello(
+                    sender=self.sender.address_bytes,
+                    agent="stepstream/0.2",
+                    features=tuple(sorted(FEATURES)),
+                )
+                await self._send(hello)
                 info = await self._receive()
         except TimeoutError:
             await self.aclose()

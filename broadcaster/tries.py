@@ -35,6 +35,8 @@ class Try:
     tickets: int = 0
     result: JobResult | None = None
     first_preview: float | None = None
+    first_step: float | None = None
+    """Seconds from sending the job to its first progress here."""
     rate: StepRate = field(default_factory=StepRate)
     """From progress arrivals only: the wait for the first step is not a step's speed."""
 

@@ -62,8 +62,11 @@ class Offers:
         )
 
 
-def check_request(req: JobRequest) -> OutputShape:
-    """The job's output shape, or invalid_request for anything the orchestrator refuses."""
+def check_request(req: JobRequest, frames_streamed: bool = False) -> OutputShape:
+    """The job's output shape, or invalid_request for anything the orchestrator refuses.
+
+    A video larger than one result frame needs its frames streamed (the broadcaster
+    listed `result_frames`, spec 9.4)."""
     if req.preview_method not in PREVIEW_METHODS:
         raise ProtocolError(
             ErrorCode.INVALID_REQUEST, f"preview_method must be one of {sorted(PREVIEW_METHODS)}"
@@ -73,7 +76,7 @@ def check_request(req: JobRequest) -> OutputShape:
             ErrorCode.INVALID_REQUEST, f"preview_format must be one of {sorted(PREVIEW_FORMATS)}"
         )
     try:
-        shape = output_shape(req.params)
+        shape = output_shape(req.params, frames_streamed)
     except InvalidRequest as exc:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, str(exc)) from None
     if req.preview_frame is not None and not (shape.video and req.preview_frame < shape.count):

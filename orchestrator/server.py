@@ -42,6 +42,8 @@ from protocol.connection import Connection, State
 from protocol.credit import ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
+    FEATURE_RESULT_FRAMES,
+    FEATURE_STATUS,
     Cancel,
     Capability,
     Error,
@@ -52,6 +54,7 @@ from protocol.messages import (
     Payment,
     Preview,
     Role,
+    Status,
     TicketParams,
     error_message,
 )
@@ -81,6 +84,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FACE_VALUE = 10**15
 DEFAULT_TICKET_EV = 8 * 10**9  # go-livepeer's default ticket EV, for the info message
+LOADING_STATUS_SECONDS = 2.0
+"""How often B hears `status` while its job waits for a model to load (spec 9.6)."""
 DEFAULT_REDEEM_COST_MULTIPLIER = 100
 """Face value is kept at least this many times the gas a redemption costs."""
 __all__ = ["SECONDS_PER_BLOCK", "Orchestrator", "OrchestratorConfig", "offchain_block"]
@@ -355,9 +360,10 @@ class Orchestrator:
         """Accept the job (quote + ticket params) or refuse it before any payment."""
         current_job_id.set(req.job_id)
         slot: ModelSlot | None = None
+        features = peer.conn.features
         try:
             slot = self.offers.slot_for(req)
-            shape = check_request(req)
+            shape = check_request(req, frames_streamed=FEATURE_RESULT_FRAMES in features)
             slot.reserve()
         except ProtocolError as err:
             await self._refuse(peer, req, err)
@@ -365,7 +371,7 @@ class Orchestrator:
         # B's job ids are unique on its connection only; the runner sees one of ours.
         runner_job_id = secrets.token_hex(8)
         try:
-            runner = await self._runner_for(slot)
+            runner = await self._loading(peer, req, slot)
             steps = await runner.plan(dataclasses.replace(req, job_id=runner_job_id))
             price = slot.entry.price_per_pixel_step
             fee = window_fee(price * shape.pixels_per_step, req.preview_every, steps)
@@ -399,6 +405,7 @@ class Orchestrator:
             payment_timeout=self.config.payment_timeout,
             refresh_blocks=self.config.refresh_blocks,
             runner_job_id=runner_job_id,
+            features=features,
         )
         try:
             await peer.send(quote)
@@ -409,6 +416,34 @@ class Orchestrator:
         self.stats.jobs_accepted += 1
         log.info("job %s accepted: %d steps, fee %.0f wei", req.job_id, steps, quote.fee)
         return JobDriver(job, peer, runner, _Host(self, slot, peer.sender))
+
+    async def _loading(self, peer: Peer, req: JobRequest, slot: ModelSlot) -> RunnerClient:
+        """The slot's runner; while a cold model loads, B hears `status` every few seconds
+        (when it listed the feature), so a slow load is not taken for a dead node."""
+        if FEATURE_STATUS not in peer.conn.features or self.runners.state(slot.entry.model_id):
+            return await self._runner_for(slot)
+        failure: ProtocolError | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def heartbeat() -> None:
+                status = Status(
+                    job_id=req.job_id,
+                    phase="loading",
+                    next_within_ms=int(LOADING_STATUS_SECONDS * 2000),
+                )
+                while True:
+                    await peer.send(status)
+                    await anyio.sleep(LOADING_STATUS_SECONDS)  # a period, not a sync
+
+            tg.start_soon(heartbeat)
+            try:
+                runner = await self._runner_for(slot)
+            except ProtocolError as err:
+                failure = err
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return runner
 
     async def _refuse(self, peer: Peer, req: JobRequest, err: ProtocolError) -> None:
         self.stats.jobs_refused += 1

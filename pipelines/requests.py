@@ -25,6 +25,7 @@ __all__ = [
     "MAX_INPUT_PIXELS",
     "MAX_PIXELS_PER_IMAGE",
     "MAX_PIXELS_PER_JOB",
+    "MAX_PIXELS_PER_VIDEO",
     "PIXEL_MULTIPLE",
     "OutputShape",
     "decode_image",
@@ -35,8 +36,12 @@ __all__ = [
 MAX_PIXELS_PER_IMAGE = 2048 * 2048
 """Past this SD-family UNets produce tiling artefacts and attention memory explodes."""
 MAX_PIXELS_PER_JOB = 4 * 1024 * 1024
-"""Output pixels of one job, images or frames: four 1024x1024 images fit a 24 GB GPU
-with SDXL in fp16, and their PNGs fit one 16 MiB result frame."""
+"""Output pixels of an image job (or of a video job whose frames must fit one result
+frame): four 1024x1024 images fit a 24 GB GPU with SDXL in fp16, and their PNGs fit one
+16 MiB frame."""
+MAX_PIXELS_PER_VIDEO = 64 * 1024 * 1024
+"""Output pixels of a video job whose frames are streamed one message each (spec 9.4):
+ai-runner's default (25 frames of 1024x576, 14.7 Mpx) with room to spare."""
 MAX_INPUT_PIXELS = 4096 * 4096
 """Largest input image decoded at all (a decompression-bomb guard)."""
 PIXEL_MULTIPLE = 8
@@ -90,18 +95,23 @@ def _check_size(w: int, h: int, what: str) -> None:
         )
 
 
-def _check_job_pixels(shape: OutputShape) -> None:
+def _check_job_pixels(shape: OutputShape, frames_streamed: bool) -> None:
     total = shape.pixels_per_step
-    if total > MAX_PIXELS_PER_JOB:
+    limit = MAX_PIXELS_PER_VIDEO if shape.video and frames_streamed else MAX_PIXELS_PER_JOB
+    if total > limit:
         unit = "frames" if shape.video else "images"
         raise InvalidRequest(
             f"{shape.count} {unit} of {shape.width}x{shape.height} are {total} pixels; "
-            f"the limit per job is {MAX_PIXELS_PER_JOB}"
+            f"the limit per job is {limit}"
         )
 
 
-def output_shape(params: JobParams) -> OutputShape:
-    """Validate `params` and return the output's shape; InvalidRequest says what is wrong."""
+def output_shape(params: JobParams, frames_streamed: bool = True) -> OutputShape:
+    """Validate `params` and return the output's shape; InvalidRequest says what is wrong.
+
+    A video's frames may be streamed one message each (spec 9.4), which lifts the
+    per-job cap; `frames_streamed=False` keeps the cap of a result in one frame.
+    """
     if isinstance(params, TextToImageParams):
         if not params.prompt.strip():
             raise InvalidRequest("prompt is empty")
@@ -126,7 +136,7 @@ def output_shape(params: JobParams) -> OutputShape:
         shape = OutputShape(params.width, params.height, params.num_frames, video=True)
     else:
         raise InvalidRequest(f"no pipeline here takes {type(params).__name__}")
-    _check_job_pixels(shape)
+    _check_job_pixels(shape, frames_streamed)
     return shape
 
 

@@ -30,6 +30,7 @@ from protocol.job_events import (
     Event,
     JobError,
     JobResult,
+    JobStatus,
     PaymentSent,
     PreviewFrame,
     ProgressUpdate,
@@ -45,6 +46,9 @@ from protocol.messages import (
     Preview,
     Progress,
     Result,
+    ResultFrame,
+    ResultImage,
+    Status,
     TicketParams,
 )
 from protocol.pm import ticket_ev
@@ -129,6 +133,7 @@ class BroadcasterJob:
         self.cancelled = False
         self._started = now
         self._first_preview: float | None = None
+        self._frames: list[ResultImage] = []
         self._delivered: int | None = None
         """Steps delivered, when a payment may be due for them (see `payments`)."""
 
@@ -174,6 +179,13 @@ class BroadcasterJob:
         if isinstance(message, Credit):
             self.winners += message.winners
             return []
+        if isinstance(message, ResultFrame):
+            return self._frame(message)
+        if isinstance(message, Status):
+            status = JobStatus(
+                job_id=self.job_id, phase=message.phase, next_within_ms=message.next_within_ms
+            )
+            return [Emit(status)]
         if isinstance(message, Result):
             return self._result(message, now)
         if isinstance(message, Cancelled):
@@ -285,8 +297,26 @@ class BroadcasterJob:
         )
         return [Emit(frame)]
 
+    def _frame(self, message: ResultFrame) -> list[JobOutput]:
+        """A video frame ahead of the result (feature result_frames): kept, in order."""
+        if message.index != len(self._frames):
+            return self._refuse(
+                ProtocolError(
+                    ErrorCode.INTERNAL_ERROR,
+                    f"result frame {message.index} arrived where {len(self._frames)} was due",
+                )
+            )
+        self._frames.append(message.frame)
+        return []
+
     def _result(self, result: Result, now: float) -> list[JobOutput]:
         self.phase = Phase.ENDED
+        frames = result.frames
+        if result.streamed_frames or self._frames:
+            if result.streamed_frames != len(self._frames):
+                why = f"result counts {result.streamed_frames} frames, {len(self._frames)} came"
+                return [Emit(JobError(job_id=self.job_id, code="internal_error", message=why))]
+            frames = tuple(self._frames)
         schedule = self.schedule
         event = JobResult(
             job_id=self.job_id,
@@ -300,7 +330,7 @@ class BroadcasterJob:
             time_to_first_preview=self._first_preview,
             steps_per_second=self.rate.steps_per_second,
             winners=self.winners,
-            frames=result.frames,
+            frames=frames,
             fps=result.fps,
         )
         return [Emit(event)]

@@ -14,6 +14,8 @@ from enum import StrEnum
 from protocol import codec
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
+    FEATURE_RESULT_FRAMES,
+    FEATURE_STATUS,
     AwaitingPayment,
     Cancel,
     Cancelled,
@@ -28,7 +30,9 @@ from protocol.messages import (
     Preview,
     Progress,
     Result,
+    ResultFrame,
     Role,
+    Status,
     error_message,
 )
 
@@ -63,7 +67,17 @@ TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     # error: the job it names is the one that just ended (spec 5.3).
     (S.READY, Payment): S.READY,
     (S.READY, Cancel): S.READY,
+    # Optional messages (spec 12.1), only to a broadcaster that listed their feature.
+    (S.JOB_RUNNING, ResultFrame): S.JOB_RUNNING,
+    (S.JOB_REQUESTED, Status): S.JOB_REQUESTED,
+    (S.JOB_RUNNING, Status): S.JOB_RUNNING,
 }
+
+FEATURE_OF: dict[type[Message], str] = {
+    ResultFrame: FEATURE_RESULT_FRAMES,
+    Status: FEATURE_STATUS,
+}
+"""The feature a broadcaster must list in `hello` before the orchestrator may send this."""
 
 
 class Connection:
@@ -76,6 +90,8 @@ class Connection:
         self.state = State.AWAIT_HELLO
         self.job_id: str | None = None
         """The job in progress, or the job that ended last while READY."""
+        self.features: frozenset[str] = frozenset()
+        """What the broadcaster's hello listed, of the features this side knows."""
 
     # ------------------------------------------------------------ public API
 
@@ -113,6 +129,7 @@ class Connection:
         """The message types this side may send in the current state."""
         allowed = {t for (state, t) in TRANSITIONS if state is self.state}
         allowed = {t for t in allowed if self.role in t.SENDER}
+        allowed = {t for t in allowed if FEATURE_OF.get(t, "") in self.features | {""}}
         if self.state is not State.CLOSED:
             allowed.add(Error)
         return frozenset(allowed)
@@ -125,7 +142,16 @@ class Connection:
                 ErrorCode.UNEXPECTED_MESSAGE,
                 f"'{message.TYPE}' is never sent by the {sender.value}",
             )
-        self.state = self._next_state(message, sender)
+        state = self._next_state(message, sender)
+        feature = FEATURE_OF.get(type(message))
+        if feature is not None and feature not in self.features:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED_MESSAGE,
+                f"'{message.TYPE}' needs the feature {feature!r}, which hello did not list",
+            )
+        if isinstance(message, Hello):
+            self.features = frozenset(message.features)
+        self.state = state
 
     def _next_state(self, message: Message, sender: Role) -> State:
         state = self.state

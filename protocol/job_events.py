@@ -52,6 +52,16 @@ class PreviewFrame:
 
 
 @dataclass(frozen=True, kw_only=True)
+class JobStatus:
+    """The job is alive in a phase without steps (a model loading, frames decoding)."""
+
+    job_id: str
+    phase: str
+    next_within_ms: int
+    """The orchestrator's promise: another message for the job within this many ms."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class PaymentSent:
     job_id: str
     tickets: int
@@ -114,6 +124,7 @@ class OrchestratorChanged:
 
 Event = (
     Accepted
+    | JobStatus
     | ProgressUpdate
     | PreviewFrame
     | PaymentSent

@@ -210,6 +210,8 @@ class Hello(Message):
     SENDER: ClassVar[frozenset[Role]] = B
     sender: Address
     agent: Annotated[str, Str(0, 128)] = ""
+    features: Annotated[tuple[Name, ...], Items(0, 32), Added()] = ()
+    """Optional messages B understands (spec 12.1): O sends them to no one else."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +346,32 @@ class Result(Message):
     fee: Fraction
     frames: Annotated[tuple[ResultImage, ...], Items(0, MAX_FRAMES)] = ()
     fps: UInt32 = 0
+    streamed_frames: Annotated[UInt32, Added()] = 0
+    """Frames sent before this in `result_frame` messages (feature result_frames, 9.4)."""
+
+
+@dataclass(frozen=True)
+class ResultFrame(Message):
+    """One frame of a video result, ahead of the `result` (feature `result_frames`)."""
+
+    TYPE: ClassVar[str] = "result_frame"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    index: UInt32
+    frame: ResultImage
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """The job is alive in a phase without steps (feature `status`, spec 9.6)."""
+
+    TYPE: ClassVar[str] = "status"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    phase: Name
+    """loading (a model, before `accepted`), decoding (after the last step), ..."""
+    next_within_ms: UInt32
+    """O sends another message for the job within this many milliseconds."""
 
 
 @dataclass(frozen=True)
@@ -396,5 +424,12 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Cancel,
         Cancelled,
         Error,
+        ResultFrame,
+        Status,
     )
 }
+
+FEATURE_RESULT_FRAMES = "result_frames"
+FEATURE_STATUS = "status"
+FEATURES = frozenset({FEATURE_RESULT_FRAMES, FEATURE_STATUS})
+"""The optional message types of this revision, by the name `hello.features` lists."""

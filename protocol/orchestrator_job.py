@@ -29,6 +29,8 @@ from fractions import Fraction
 from protocol.credit import JobCredit
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
+    FEATURE_RESULT_FRAMES,
+    FEATURE_STATUS,
     AwaitingPayment,
     Cancelled,
     Credit,
@@ -37,11 +39,25 @@ from protocol.messages import (
     Message,
     Progress,
     Result,
+    ResultFrame,
+    ResultImage,
+    Status,
     TicketParams,
     error_message,
 )
 from protocol.pricing import pixel_steps
-from protocol.runner import Awaiting, Begin, Done, Failed, Grant, Run, RunnerPreview, Stop
+from protocol.runner import (
+    Awaiting,
+    Begin,
+    Done,
+    Failed,
+    Grant,
+    OutputFrame,
+    Run,
+    RunnerPreview,
+    Stop,
+    Working,
+)
 from protocol.runner import Output as RunnerOutput
 
 __all__ = [
@@ -160,10 +176,16 @@ class OrchestratorJob:
         refresh_blocks: int = 10,
         stop_timeout: float = 60.0,
         runner_job_id: str | None = None,
+        features: frozenset[str] = frozenset(),
     ) -> None:
         self.request = request
         self.job_id = request.job_id
         self.runner_job_id = runner_job_id or request.job_id
+        self.features = features
+        """Optional messages the broadcaster listed in its hello (spec 12.1)."""
+        self._kept_frames: list[ResultImage] = []
+        self._frames_seen = 0
+        self._frame_size = (0, 0)
         """The job's id on its runner. B chooses `job_id`, unique only on its connection;
         the runner needs one unique among every job of the orchestrator."""
         self.quote = quote
@@ -268,8 +290,12 @@ class OrchestratorJob:
             return [ToBroadcaster(dataclasses.replace(message.preview, job_id=self.job_id))]
         if isinstance(message, Done):
             return self._done(message)
+        if isinstance(message, OutputFrame):
+            return self._output_frame(message)
         if isinstance(message, RunnerOutput):
             return self._output(message)
+        if isinstance(message, Working):
+            return self._working(message)
         if isinstance(message, Failed):
             return self._failed(message)
         return []
@@ -345,20 +371,47 @@ class OrchestratorJob:
             )
         ]
 
+    def _output_frame(self, frame: OutputFrame) -> list[JobOutput]:
+        """A video frame: on to B as it comes (feature result_frames), else kept for the
+        result, which then fits one frame (admission capped the job for that)."""
+        self._frame_size = (frame.frame.width, frame.frame.height)
+        self._frames_seen += 1
+        if FEATURE_RESULT_FRAMES in self.features:
+            return [
+                ToBroadcaster(ResultFrame(job_id=self.job_id, index=frame.index, frame=frame.frame))
+            ]
+        self._kept_frames.append(frame.frame)
+        return []
+
     def _output(self, output: RunnerOutput) -> list[JobOutput]:
-        images = output.images
-        first = images[0]
-        executed = self.ledger.executed
+        executed, streamed = self.ledger.executed, 0
+        if output.video and output.frames:
+            frames = tuple(self._kept_frames)
+            streamed = 0 if frames else self._frames_seen
+            (width, height), count = self._frame_size, self._frames_seen
+        else:
+            frames = output.images if output.video else ()
+            first = output.images[0]
+            width, height, count = first.width, first.height, len(output.images)
         result = Result(
             job_id=self.job_id,
-            images=() if output.video else images,
+            images=() if output.video else output.images,
             steps=executed,
-            pixel_steps=pixel_steps(first.width, first.height, len(images), executed),
+            pixel_steps=pixel_steps(width, height, count, executed),
             fee=self.ledger.earned,
-            frames=images if output.video else (),
+            frames=frames,
             fps=output.fps,
+            streamed_frames=streamed,
         )
         return [*self._ended("result"), ToBroadcaster(result)]
+
+    def _working(self, working: Working) -> list[JobOutput]:
+        if FEATURE_STATUS not in self.features:
+            return []
+        status = Status(
+            job_id=self.job_id, phase=working.phase, next_within_ms=working.next_within_ms
+        )
+        return [ToBroadcaster(status)]
 
     def _failed(self, failed: Failed) -> list[JobOutput]:
         if self.stop_reason is not None:

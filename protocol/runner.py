@@ -126,14 +126,36 @@ class RunnerPreview:
 
 
 @dataclass(frozen=True)
+class OutputFrame:
+    """One frame of a video job's output, sent ahead of its `output`, one message each."""
+
+    TYPE: ClassVar[str] = "output_frame"
+    job_id: JobId
+    index: UInt32
+    frame: ResultImage
+
+
+@dataclass(frozen=True)
 class Output:
-    """The job's images (or video frames, in order), as the result carries them."""
+    """The job's images, or the end of a video's frames (sent before it, in order)."""
 
     TYPE: ClassVar[str] = "output"
     job_id: JobId
-    images: Annotated[tuple[ResultImage, ...], Items(1, MAX_FRAMES)]
+    images: Annotated[tuple[ResultImage, ...], Items(0, MAX_FRAMES)]
     video: bool = False
     fps: UInt32 = 0
+    frames: UInt32 = 0
+    """Video jobs: how many `output_frame` messages came before this one."""
+
+
+@dataclass(frozen=True)
+class Working:
+    """The job is alive in a phase without steps (decoding frames, encoding output)."""
+
+    TYPE: ClassVar[str] = "working"
+    job_id: JobId
+    phase: Name
+    next_within_ms: UInt32
 
 
 @dataclass(frozen=True)
@@ -200,7 +222,7 @@ FROM_RUNNER: dict[str, type] = {
     c.TYPE: c
     for c in (Ready, Loaded, Unloaded, LoadFailed, Planned, Awaiting, Begin, Done, RunnerPreview)
 }
-FROM_RUNNER.update({c.TYPE: c for c in (Output, Failed)})
+FROM_RUNNER.update({c.TYPE: c for c in (OutputFrame, Output, Working, Failed)})
 TO_RUNNER: dict[str, type] = {c.TYPE: c for c in (Load, Unload, Plan, Run, Grant, Stop)}
 
 
@@ -275,6 +297,7 @@ __all__ = [
     "Loaded",
     "ModelState",
     "Output",
+    "OutputFrame",
     "Plan",
     "Planned",
     "Ready",
@@ -284,6 +307,7 @@ __all__ = [
     "StepGrant",
     "Unload",
     "Unloaded",
+    "Working",
     "decode",
     "encode",
 ]

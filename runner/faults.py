@@ -38,6 +38,10 @@ class FaultPlan:
     """Extra seconds every step: a slower GPU than it claims."""
     first_step_seconds: float = 0.0
     """Extra seconds before the first step: a 'warm' model that still has to load."""
+    decode_seconds: float = 0.0
+    """Extra seconds after the last step, before the output: a slow decode."""
+    load_seconds: float = 0.0
+    """Extra seconds every model load takes on this runner: a big model from a slow disk."""
     error_after: int | None = None
     """After step n: the pipeline raises (the job ends with pipeline_failed)."""
     exit_after: int | None = None
@@ -76,11 +80,17 @@ class Faults:
             time.sleep(self.plan.first_step_seconds)  # the simulated model load
 
     def after_step(
-        self, step: int, wait_until_stopped: Callable[[], None], schedule_offset: int = 0
+        self,
+        step: int,
+        wait_until_stopped: Callable[[], None],
+        schedule_offset: int = 0,
+        last: bool = False,
     ) -> None:
         """Called once step `step` (of the job; `schedule_offset` steps ran before it
-        elsewhere) and its messages are out."""
+        elsewhere) and its messages are out; `last` when no step follows."""
         plan = self.plan
+        if last and plan.decode_seconds:
+            time.sleep(plan.decode_seconds)  # the simulated slow decode
         extra = plan.step_seconds
         if plan.slow_after is not None and step > plan.slow_after:
             extra += plan.slow_step_seconds

@@ -9,14 +9,17 @@ its `run` arrives; the model work starts in the worker thread.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.from_thread
 import torch
+from PIL import Image
 
-from pipelines.dispatch import executed_steps, png_bytes, resume_point, run_job
+from pipelines.dispatch import JobOutput, executed_steps, png_bytes, resume_point, run_job
 from pipelines.errors import InvalidRequest
 from pipelines.loader import LoadedModel
 from pipelines.previews import StepPreviews
@@ -30,12 +33,20 @@ from protocol.runner import (
     Failed,
     Message,
     Output,
+    OutputFrame,
     Run,
     RunnerPreview,
     StepGrant,
     Stop,
+    Working,
 )
 from runner.faults import Faults
+
+HEARTBEAT_SECONDS = 2.0
+"""How often a job in a phase without steps says it is alive (spec PROTOCOL.md 9.6)."""
+HEARTBEAT_AFTER = 0.5
+"""A phase shorter than this (most previews) sends nothing."""
+HEARTBEAT_TICK = 0.25
 
 
 class ConnectionLost(Exception):
@@ -69,6 +80,10 @@ class RunnerJob:
         self.gate = StepGrant(granted=run.granted)
         self._previews: StepPreviews | None = None
         self._resume_scheduler = ""
+        self._total = 0
+        self._phase: str | None = None
+        """The phase without steps the job is in (heartbeats say it), or None."""
+        self._phase_since = 0.0
 
     # ------------------------------------------------- called from the loop
 
@@ -84,47 +99,89 @@ class RunnerJob:
             self._cond.notify_all()
 
     async def run(self) -> None:
-        """Run to the job's last frame: its output, or `failed` with why."""
-        with contextlib.suppress(ConnectionLost):
-            await self._send(await self._outcome())
+        """Run to the job's last frame: its output, or `failed` with why.
 
-    async def _outcome(self) -> Message:
+        Phases without steps (decoding after the last step, encoding the output)
+        send `working` every HEARTBEAT_SECONDS, so nobody takes a long decode for a
+        dead runner. A video's frames go one message each, so no message holds them
+        all.
+        """
+        with contextlib.suppress(ConnectionLost):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat)
+                try:
+                    for message in await self._outcome():
+                        await self._send(message)
+                finally:
+                    tg.cancel_scope.cancel()
+
+    async def _heartbeat(self) -> None:
+        """`working` once a phase without steps has lasted HEARTBEAT_AFTER seconds, then
+        every HEARTBEAT_SECONDS while it lasts."""
+        job_id, sent_at = self.request.job_id, -math.inf
+        while True:
+            await anyio.sleep(HEARTBEAT_TICK)  # a clock tick, not a synchronisation
+            phase, since, now = self._phase, self._phase_since, time.monotonic()
+            if phase is None or now - since < HEARTBEAT_AFTER:
+                continue
+            if now - sent_at >= HEARTBEAT_SECONDS:
+                sent_at = now
+                await self._send(Working(job_id, phase, int(HEARTBEAT_SECONDS * 2000)))
+
+    async def _outcome(self) -> list[Message]:
         job_id = self.request.job_id
         try:
-            return await anyio.to_thread.run_sync(self._run_blocking)
+            output = await anyio.to_thread.run_sync(self._run_blocking)
         except ConnectionLost:
             raise
         except Stopped as stopped:
-            return Failed(job_id, stopped.stop.code, stopped.stop.message[:1024])
+            return [Failed(job_id, stopped.stop.code, stopped.stop.message[:1024])]
         except InvalidRequest as exc:
-            return Failed(job_id, ErrorCode.INVALID_REQUEST.value, str(exc)[:1024])
+            return [Failed(job_id, ErrorCode.INVALID_REQUEST.value, str(exc)[:1024])]
         except Exception as exc:  # the pipeline itself failed
             message = f"pipeline failed: {type(exc).__name__}: {exc}"[:1024]
-            return Failed(job_id, ErrorCode.PIPELINE_FAILED.value, message)
+            return [Failed(job_id, ErrorCode.PIPELINE_FAILED.value, message)]
+        self._enter("encoding")
+        if not output.video:
+            images = [await anyio.to_thread.run_sync(self._encoded, im, i) for i, im in
+                      enumerate(output.images)]  # fmt: skip
+            return [Output(job_id, tuple(images))]
+        # One frame at a time: encode it, send it, let it go.
+        count = len(output.images)
+        for index in range(count):
+            frame = output.images[index]
+            encoded = await anyio.to_thread.run_sync(self._encoded, frame, 0)
+            output.images[index] = None  # type: ignore[call-overload]
+            await self._send(OutputFrame(job_id, index, encoded))
+        return [Output(job_id, (), True, output.fps, frames=count)]
+
+    def _encoded(self, image: Image.Image, i: int) -> ResultImage:
+        """An output image as the result carries it; image i uses seed + i (spec 9.2),
+        every frame of a video the one seed."""
+        return ResultImage(
+            image=png_bytes(image),
+            format="png",
+            width=image.width,
+            height=image.height,
+            seed=(self.seed + i) % 2**32,
+        )
 
     # ---------------------------------------- called from the worker thread
 
-    def _run_blocking(self) -> Output:
+    def _run_blocking(self) -> JobOutput:
         req, model = self.request, self.model
         params = req.params
         resume = resume_point(params, req.resume, model) if req.resume else None
         total = executed_steps(params, model) - (resume.step if resume else 0)
+        self._total = total
         self._previews = StepPreviews(model, req, total)
         if req.want_latents:
             self._resume_scheduler = resume_scheduler_name(model.pipe)
-        output = run_job(model, params, self, self.seed, resume=resume)
-        images = tuple(
-            ResultImage(
-                image=png_bytes(image),
-                format="png",
-                width=image.width,
-                height=image.height,
-                # Image i uses seed + i; every frame of a video comes from the one seed.
-                seed=(self.seed + (0 if output.video else i)) % 2**32,
-            )
-            for i, image in enumerate(output.images)
-        )
-        return Output(req.job_id, images, output.video, output.fps)
+        return run_job(model, params, self, self.seed, resume=resume)
+
+    def _enter(self, phase: str | None) -> None:
+        self._phase_since = time.monotonic()
+        self._phase = phase
 
     def _emit(self, message: Message) -> None:
         anyio.from_thread.run(self._send, message)
@@ -151,11 +208,16 @@ class RunnerJob:
         req = self.request
         assert self._previews is not None
         if self._previews.due(step):
-            self._emit(RunnerPreview(self._previews.message(step, latents)))
+            self._enter("preview")  # a video's animated preview can take a while
+            preview = self._previews.message(step, latents)
+            self._enter(None)
+            self._emit(RunnerPreview(preview))
         self._emit(Done(req.job_id, step, self._latents(latents)))
+        if step == self._total:
+            self._enter("decoding")  # the pipeline decodes the latents next
         if self._faults is not None:
             offset = self.request.resume.step if self.request.resume else 0
-            self._faults.after_step(step, self._wait_until_stopped, offset)
+            self._faults.after_step(step, self._wait_until_stopped, offset, step == self._total)
 
     def _latents(self, latents: torch.Tensor) -> Latents | None:
         """The state after a step, when the job asked and the model can resume from it."""

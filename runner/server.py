@@ -100,6 +100,8 @@ class RunnerServer:
         async with lock:
             if model_id not in self.models:
                 log.info("loading %s on %s", model_id, self.config.device)
+                if self.config.faults is not None and self.config.faults.load_seconds:
+                    await anyio.sleep(self.config.faults.load_seconds)  # a slow disk
                 self.models[model_id] = await anyio.to_thread.run_sync(
                     load_model, model_id, self.config.device, self.config.offload
                 )

@@ -97,19 +97,21 @@ async def loopback_orchestrator(
     warm: bool = True,
     pipelines: Sequence[str] = ("text-to-image",),
     entries: Sequence[ModelEntry] | None = None,
+    preloaded: bool = True,
     **config: Any,
 ) -> AsyncIterator[LoopbackOrchestrator]:
     """An orchestrator on 127.0.0.1 whose runner holds `models` (already loaded).
 
     It offers the first model for each of `pipelines`, or exactly `entries`
-    (their url and token are filled in). `plan` injects faults in the runner,
+    (their url and token are filled in); with `preloaded=False` the runner loads them
+    itself, as a fresh one would. `plan` injects faults in the runner,
     `wire` on the orchestrator's connections; `config` overrides
     OrchestratorConfig fields.
     """
     loaded = [models] if isinstance(models, LoadedModel) else list(models)
     token = secrets.token_urlsafe(16)
     runner = RunnerServer(RunnerConfig(device="cpu", token=token, faults=plan))
-    for model in loaded:
+    for model in loaded if preloaded else ():  # else the runner loads them on demand
         runner.models[model.model_id] = model
     runner.fired = fired = []
     async with runner.serve("127.0.0.1", 0) as runner_server:

@@ -18,6 +18,7 @@ from protocol.job_events import (
     Accepted,
     JobError,
     JobResult,
+    JobStatus,
     PaymentSent,
     PreviewFrame,
     ProgressUpdate,
@@ -33,6 +34,9 @@ from protocol.messages import (
     Preview,
     Progress,
     Result,
+    ResultFrame,
+    ResultImage,
+    Status,
     TextToImageParams,
     TicketParams,
 )
@@ -230,3 +234,35 @@ def test_credit_carried_from_earlier_jobs_counts_as_paid() -> None:
     pay = job.payments()
     assert isinstance(pay[0], SendPayment) and pay[0].count == 1
     assert job.paid_here == job.schedule.paid - STEP_FEE * 4  # type: ignore[union-attr]
+
+
+def test_streamed_frames_must_come_in_order_and_all() -> None:
+    frame = ResultImage(image=b"png", format="png", width=8, height=8, seed=7)
+    job = new_job()
+    job.on_message(quote(), 1.0)
+    for i in range(2):
+        assert job.on_message(ResultFrame(job_id="j", index=i, frame=frame), 2.0) == []
+    result = Result(
+        job_id="j", images=(), steps=STEPS, pixel_steps=1, fee=STEP_FEE * STEPS, streamed_frames=2
+    )
+    done = events(job.on_message(result, 3.0))[0]
+    assert isinstance(done, JobResult) and done.frames == (frame, frame)
+    # Out of order: refused.
+    job = new_job()
+    job.on_message(quote(), 1.0)
+    out = job.on_message(ResultFrame(job_id="j", index=1, frame=frame), 2.0)
+    assert isinstance(out[0], SendCancel) and events(out)[0].code == "internal_error"
+    # A count that disagrees: an error, not a result.
+    job = new_job()
+    job.on_message(quote(), 1.0)
+    job.on_message(ResultFrame(job_id="j", index=0, frame=frame), 2.0)
+    bad = events(job.on_message(result, 3.0))[0]
+    assert isinstance(bad, JobError) and "2 frames" in bad.message
+
+
+def test_status_is_reported() -> None:
+    job = new_job()
+    (status,) = events(
+        job.on_message(Status(job_id="j", phase="loading", next_within_ms=4000), 0.5)
+    )
+    assert isinstance(status, JobStatus) and status.phase == "loading"

@@ -36,8 +36,10 @@ from protocol.messages import (
     Preview,
     Progress,
     Result,
+    ResultFrame,
     ResultImage,
     SignedTicket,
+    Status,
     TextToImageParams,
     TicketParams,
 )
@@ -149,6 +151,12 @@ SAMPLES: list[Message] = [
     Cancelled(job_id="job-1", steps=0),
     Error(code="no_capacity", message="busy", job_id="job-1"),
     Error(code="malformed_frame", message=""),
+    ResultFrame(
+        job_id="job-1",
+        index=24,
+        frame=ResultImage(image=b"\x89PNG", format="png", width=1024, height=576, seed=3),
+    ),
+    Status(job_id="job-1", phase="decoding", next_within_ms=2000),
 ]
 
 

@@ -26,9 +26,11 @@ from protocol.messages import (
     Preview,
     Progress,
     Result,
+    ResultFrame,
     ResultImage,
     Role,
     SignedTicket,
+    Status,
     TextToImageParams,
     TicketParams,
 )
@@ -90,6 +92,12 @@ def messages(job_id: str = "job-1") -> dict[type[Message], Message]:
         Cancel: Cancel(job_id=job_id),
         Cancelled: Cancelled(job_id=job_id, steps=0),
         Error: Error(code="no_capacity", message="busy", job_id=job_id),
+        ResultFrame: ResultFrame(
+            job_id=job_id,
+            index=0,
+            frame=ResultImage(image=b"png", format="png", width=8, height=8, seed=9),
+        ),
+        Status: Status(job_id=job_id, phase="decoding", next_within_ms=2000),
     }
 
 
@@ -492,3 +500,26 @@ def test_a_new_job_may_not_reuse_the_previous_job_id() -> None:
     pair = pair_in(State.JOB_REQUESTED)
     pair.deliver(Error(code="no_capacity", message="busy", job_id="job-1"), O)
     _expect(pair.o, codec.encode(MSG[JobRequest]), ErrorCode.INVALID_FIELD)
+
+
+def test_optional_messages_need_their_feature() -> None:
+    """Spec 12.1: `result_frame` and `status` only to a broadcaster that listed them."""
+    for features, allowed in (((), False), (("result_frames", "status"), True)):
+        pair = Pair()
+        pair.deliver(Hello(sender=ADDR, features=features))
+        pair.deliver(MSG[Info])
+        pair.deliver(MSG[JobRequest])
+        if allowed:
+            pair.deliver(MSG[Status])  # loading, before the quote
+        else:
+            with pytest.raises(ProtocolError, match="needs the feature"):
+                pair.o.send(MSG[Status])
+        pair.deliver(MSG[JobAccepted])
+        if allowed:
+            pair.deliver(MSG[ResultFrame])
+            assert {ResultFrame, Status} <= pair.o.can_send()
+        else:
+            assert not {ResultFrame, Status} & pair.o.can_send()
+            frame = codec.encode(MSG[ResultFrame])
+            with pytest.raises(ProtocolError, match="needs the feature"):
+                pair.b.receive(frame)

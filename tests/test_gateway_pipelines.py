@@ -170,8 +170,13 @@ async def test_bad_uploads_answer_the_error_shape_before_any_job(
         (i2v, {**small, "width": "60"}, image_part(png), "multiples of 8"),
         (i2v, {**small, "num_frames": "0"}, image_part(png), "num_frames"),
         (i2v, small, {}, "image is required"),
-        # ai-runner's defaults (1024x576, 25 frames) are past the per-job pixel limit.
-        (i2v, {}, image_part(png), "limit per job"),
+        # 128 frames of 2048x1024: past even a streamed video's pixel limit.
+        (
+            i2v,
+            {**small, "width": "2048", "height": "1024", "num_frames": "128"},
+            image_part(png),
+            "limit per job",
+        ),
     ]
     async with (
         gateway_on_loopback([all_pipelines.url], tmp_path) as gw,

@@ -149,7 +149,7 @@ def test_raising_from_the_step_hook_stops_every_pipeline(
         (i2v(image=None), "needs an input image"),
         (i2v(image=image_bytes()[:20]), "not a decodable"),
         (i2v(width=100), "multiples of 8"),
-        (i2v(width=1024, height=576, num_frames=25), "limit per job"),
+        (i2v(width=2048, height=1024, num_frames=128), "limit per job"),
     ],
 )
 def test_validation_refuses_before_any_work(
@@ -227,3 +227,12 @@ def test_taesd_decodes_when_weights_are_on_disk(
     assert shown.method == "taesd"
     with Image.open(io.BytesIO(shown.data)) as img:
         assert img.size == (128, 64)  # two 64x64 images side by side
+
+
+def test_a_video_in_one_result_frame_keeps_the_4_mi_pixel_cap() -> None:
+    """ai-runner's default video (1024x576x25) runs when its frames stream (spec 9.4),
+    and is refused when they must fit one result frame."""
+    default = i2v(width=1024, height=576, num_frames=25)
+    assert output_shape(default).pixels_per_step == 1024 * 576 * 25
+    with pytest.raises(InvalidRequest, match="limit per job"):
+        output_shape(default, frames_streamed=False)

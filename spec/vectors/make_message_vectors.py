@@ -54,8 +54,10 @@ from protocol.messages import (  # noqa: E402
     Preview,
     Progress,
     Result,
+    ResultFrame,
     ResultImage,
     SignedTicket,
+    Status,
     TextToImageParams,
     TicketParams,
 )
@@ -98,6 +100,14 @@ PRICE = Fraction(4_768_371, 50 * 1)  # go-livepeer's 4768371 wei/pixel over 50 s
 
 MESSAGES: list[tuple[str, Message]] = [
     ("hello", Hello(sender=SENDER, agent="stepstream-broadcaster/0.1")),
+    (
+        "hello_features",
+        Hello(
+            sender=SENDER,
+            agent="stepstream-broadcaster/0.2",
+            features=("result_frames", "status"),
+        ),
+    ),
     (
         "info",
         Info(
@@ -271,6 +281,29 @@ MESSAGES: list[tuple[str, Message]] = [
             fps=6,
         ),
     ),
+    (
+        "result_frame",
+        ResultFrame(
+            job_id=JOB_ID,
+            index=0,
+            frame=ResultImage(
+                image=b"\x89PNG\r\n\x1a\n", format="png", width=1024, height=576, seed=3
+            ),
+        ),
+    ),
+    (
+        "result_streamed",
+        Result(
+            job_id=JOB_ID,
+            images=(),
+            steps=25,
+            pixel_steps=1024 * 576 * 25 * 25,
+            fee=1024 * 576 * 25 * 25 * PRICE,
+            fps=6,
+            streamed_frames=25,
+        ),
+    ),
+    ("status", Status(job_id=JOB_ID, phase="decoding", next_within_ms=2000)),
     ("cancel", Cancel(job_id=JOB_ID)),
     ("cancelled", Cancelled(job_id=JOB_ID, steps=7)),
     ("error_job", Error(code="no_capacity", message="all slots busy", job_id=JOB_ID)),
