@@ -105,7 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--preview-every", type=int, default=5)
     gen.add_argument(
-        "--preview-method", default="latent_rgb", choices=["latent_rgb", "vae", "none"]
+        "--preview-method", default="latent_rgb", choices=["latent_rgb", "taesd", "vae", "none"]
     )
     gen.add_argument(
         "--max-price", type=_fraction, default=None, help="most wei per pixel-step to pay"
