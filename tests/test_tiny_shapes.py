@@ -11,11 +11,15 @@ tiny-sd and in tiny-shapes' own architecture, fail the same test.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -33,8 +37,11 @@ from pipelines.tiny_shapes import (
     build_tokenizer,
     build_untrained,
 )
+from pipelines.train_tiny import Recipe, train
 from protocol.messages import TextToImageParams
 from stepstream.demo import orchestrator_process
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = 16
 SEEDS = (0, 1, 2)
@@ -221,3 +228,79 @@ def test_a_job_through_a_real_orchestrator_process_draws_the_prompt(tmp_path: Pa
     ):
         assert psnr(last, image) > psnr(first, image)
         assert draws(last, spec)
+
+
+def test_training_script_is_deterministic_and_writes_a_loadable_model(tmp_path: Path) -> None:
+    """The recipe at a few steps: two runs with one seed write the same bytes, which load."""
+    recipe = Recipe(
+        vae_steps=2, vae_batch=2, latent_images=16, unet_steps=3, unet_batch=4,
+        taesd_decoder_steps=2, taesd_encoder_steps=1, taesd_batch=2, fit_latents=8,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    for name in ("first", "second"):
+        train(recipe, tmp_path / name)
+    assert torch.get_num_threads() == threads
+    first, second = (
+        json.loads((tmp_path / n / "recipe.json").read_text()) for n in ("first", "second")
+    )
+    assert first == second and "unet/diffusion_pytorch_model.safetensors" in first["sha256"]
+    other = replace(recipe, seed=1)
+    train(other, tmp_path / "other")
+    third = json.loads((tmp_path / "other" / "recipe.json").read_text())
+    assert (
+        third["sha256"]["unet/diffusion_pytorch_model.safetensors"]
+        != (first["sha256"]["unet/diffusion_pytorch_model.safetensors"])
+    )
+    model = load_model(str(tmp_path / "first"), device="cpu")
+    assert model.latent_rgb_factors is not None and model.taesd_dir is not None
+    assert model.pipe.scheduler.config.prediction_type == "v_prediction"
+    assert (tmp_path / "first" / "tokenizer" / "vocab.json").is_file()
+    assert (tmp_path / "first" / "tokenizer" / "merges.txt").is_file()
+
+
+def test_the_page_defaults_to_tiny_shapes_and_a_prompt_it_knows() -> None:
+    page = (ROOT / "broadcaster" / "gateway" / "static" / "index.html").read_text()
+    model = re.search(r'<input id="model_id"[^>]* value="([^"]*)"', page)
+    prompt = re.search(r'<textarea id="prompt"[^>]*>([^<]*)</textarea>', page)
+    sizes = re.findall(r'<input id="(?:width|height)"[^>]* value="(\d+)"', page)
+    assert model and model.group(1) == TINY_SHAPES
+    assert prompt and set(prompt.group(1).split()) <= set(shapes_data.VOCABULARY)
+    assert sizes == ["64", "64"]
+
+
+@pytest.mark.anyio
+async def test_the_page_with_its_defaults_draws_its_prompt(
+    shapes_model: LoadedModel, tmp_path: Path
+) -> None:
+    """The gateway page as a person first sees it, against an orchestrator with tiny-shapes."""
+    from playwright.async_api import async_playwright
+
+    from orchestrator.testing import loopback_orchestrator
+    from tests.gateway_helpers import gateway_on_loopback
+    from tests.test_gateway_browser import CHROMIUM, CHROMIUM_FLAGS
+
+    async with (
+        loopback_orchestrator(shapes_model) as orch,
+        gateway_on_loopback([orch.url], tmp_path / "outputs") as gw,
+        async_playwright() as pw,
+    ):
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(gw.url + "/")
+            prompt = await page.input_value("#prompt")
+            await page.fill("#seed", "3")
+            await page.click("#submit")
+            result = page.locator("#result-media")
+            await result.wait_for(state="visible", timeout=60_000)
+            source = await result.get_attribute("src")
+        finally:
+            await browser.close()
+        assert source
+        async with httpx.AsyncClient() as client:
+            response = await client.get(source if "://" in source else gw.url + source)
+    words = prompt.split()
+    spec = shapes_data.ShapeSpec(words[2], words[1], words[5])
+    assert spec.prompt == prompt
+    with Image.open(io.BytesIO(response.content)) as image:
+        assert image.size == (64, 64) and draws(image, spec), shares(image, spec)
