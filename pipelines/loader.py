@@ -1,9 +1,11 @@
 """Resolve a model id to a ready pipeline, offline.
 
 The orchestrator advertises only what it can run without a download, so
-loading never touches the network: the reserved tiny id is built in code, a
-local directory is read as is, anything else must already be in the Hugging
-Face cache.
+loading never touches the network: the reserved tiny ids are built in code
+or read from weights shipped in this package, a local directory is read as
+is, anything else must already be in the Hugging Face cache. A model
+directory may carry its own preview helpers (see pipelines/tiny_shapes.py):
+`latent_rgb.json`, factors fitted to its VAE, and `taesd/`, a preview decoder.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pipelines.devices import allocated_bytes, tensor_bytes
 from pipelines.errors import ModelNotFound
 from pipelines.job_pipeline import TokenizerPool
 from pipelines.tiny import TINY_SD, TINY_SDXL, build_tiny_sd, build_tiny_sdxl, quiet_diffusers
+from pipelines.tiny_shapes import TAESD_SUBDIR, TINY_SHAPES, WEIGHTS_DIR, load_latent_rgb
 from pipelines.tiny_svd import TINY_SVD, build_tiny_svd
 
 __all__ = [
@@ -38,6 +41,8 @@ TINY_BUILDERS: dict[str, Any] = {
     TINY_SVD: build_tiny_svd,
 }
 """Reserved model ids built in code, for tests and the demo."""
+TINY_DIRS: dict[str, Path] = {TINY_SHAPES: WEIGHTS_DIR}
+"""Reserved model ids whose trained weights ship in this package."""
 
 
 @dataclass
@@ -56,6 +61,10 @@ class LoadedModel:
     """Memory the model holds on its device, measured at load (GPU allocator delta, else
     its tensors' bytes)."""
     offloaded: bool = False
+    latent_rgb_factors: tuple[list[list[float]], list[float]] | None = None
+    """latent_rgb's (4x3 matrix, bias) fitted to this model's VAE; None: its family's."""
+    taesd_dir: str | None = None
+    """A TAESD-architecture preview decoder made for this model; None: its family's TAESD."""
     tokenizers: TokenizerPool = field(init=False, repr=False)
     """Each job in flight borrows its own tokenizers (pipelines/job_pipeline.py)."""
 
@@ -165,8 +174,12 @@ def load_model(model_id: str, device: str | None = None, offload: bool = False) 
     offload = offload and torch.device(device).type == "cuda"
     before = allocated_bytes(device)
     start = time.perf_counter()
+    directory: Path | None = None
 
-    if model_id in TINY_BUILDERS:
+    if model_id in TINY_DIRS:
+        directory = TINY_DIRS[model_id]
+        pipe = _from_pretrained(str(directory), dtype, None)
+    elif model_id in TINY_BUILDERS:
         pipe = TINY_BUILDERS[model_id]()
         if dtype != torch.float32:
             # Random weights have nothing to keep in fp32; silence diffusers' advice about it.
@@ -178,6 +191,7 @@ def load_model(model_id: str, device: str | None = None, offload: bool = False) 
             if not (local / MODEL_INDEX).is_file():
                 raise ModelNotFound(model_id, [str(local.resolve() / MODEL_INDEX)])
             pipe = _from_pretrained(str(local), dtype, None)
+            directory = local
         elif _looks_like_path(model_id):
             raise ModelNotFound(model_id, [str(local.resolve())])
         else:
@@ -206,4 +220,13 @@ def load_model(model_id: str, device: str | None = None, offload: bool = False) 
         load_seconds=time.perf_counter() - start,
         footprint_bytes=footprint if after is not None else tensor_bytes(pipe),
         offloaded=offload,
+        latent_rgb_factors=load_latent_rgb(directory) if directory else None,
+        taesd_dir=_taesd_dir(directory),
     )
+
+
+def _taesd_dir(directory: Path | None) -> str | None:
+    """The model's own preview decoder directory, when it ships one."""
+    if directory is None or not (directory / TAESD_SUBDIR / "config.json").is_file():
+        return None
+    return str(directory / TAESD_SUBDIR)

@@ -65,20 +65,28 @@ def _to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
+Factors = tuple[list[list[float]], list[float]]
+"""A 4x3 latent-to-RGB matrix and its 3 biases."""
+
+
 def latent_rgb(
-    latents: torch.Tensor, family: str, upscale: int = LATENT_SCALE
+    latents: torch.Tensor,
+    family: str,
+    upscale: int = LATENT_SCALE,
+    factors: Factors | None = None,
 ) -> list[Image.Image]:
     """Approximate RGB from latents with a linear map; one image per batch item.
 
-    Each latent cell is one pixel, so the result is resized by `upscale`
-    (bilinear) to the output's size: an 8x8 preview of a 64x64 job would
-    otherwise be a smudge.
+    `factors` fitted to the model's own VAE (LoadedModel.latent_rgb_factors)
+    win over the family's published ones. Each latent cell is one pixel, so
+    the result is resized by `upscale` (bilinear) to the output's size: an
+    8x8 preview of a 64x64 job would otherwise be a smudge.
     """
-    if family not in LATENT_RGB:
+    if factors is None and family not in LATENT_RGB:
         raise ValueError(f"no latent_rgb factors for model family {family!r}")
     if latents.ndim != 4 or latents.shape[1] != 4:
         raise ValueError(f"expected latents of shape (B, 4, h, w), got {tuple(latents.shape)}")
-    matrix, bias = LATENT_RGB[family]
+    matrix, bias = factors if factors is not None else LATENT_RGB[family]
     lat = latents.detach().to(torch.float32)
     m = torch.tensor(matrix, dtype=torch.float32, device=lat.device)
     b = torch.tensor(bias, dtype=torch.float32, device=lat.device)
@@ -261,13 +269,13 @@ def _decode(model: LoadedModel, lat: torch.Tensor, method: str) -> tuple[list[Im
     if method == "taesd":
         from pipelines.taesd import taesd_decode, taesd_for
 
-        vae = taesd_for(model.family, model.device, model.dtype)
+        vae = taesd_for(model.family, model.device, model.dtype, model.taesd_dir)
         if vae is not None:
             return _to_pil(taesd_decode(vae, lat)), "taesd"
         log.info("no TAESD weights for %s: preview falls back to latent_rgb", model.family)
         method = "latent_rgb"
     if method == "latent_rgb":
-        return latent_rgb(lat, model.family), method
+        return latent_rgb(lat, model.family, factors=model.latent_rgb_factors), method
     if method == "vae":
         return vae_decode(model, lat), method
     raise ValueError(f"unknown preview method {method!r}; expected one of {METHODS}")

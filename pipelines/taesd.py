@@ -4,7 +4,9 @@ TAESD decodes latents almost as well as the full VAE at a fraction of the
 cost. Nothing is downloaded: weights are read from the directory in
 $STEPSTREAM_TAESD_DIR (subdirectories `taesd` for SD 1.x/2.x and SVD,
 `taesdxl` for SDXL) or from the Hugging Face cache (madebyollin/taesd,
-madebyollin/taesdxl). Without them the caller falls back to latent_rgb.
+madebyollin/taesdxl). A model that ships its own preview decoder (its
+LoadedModel.taesd_dir, e.g. stepstream/tiny-shapes) uses that one instead.
+Without any the caller falls back to latent_rgb.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ def _local_dir(family: str) -> str | None:
     return str(sub) if (sub / "config.json").is_file() else None
 
 
-def _load(family: str, device: str, dtype: torch.dtype) -> Any | None:
+def _load(family: str, device: str, dtype: torch.dtype, own: str | None) -> Any | None:
     from diffusers import AutoencoderTiny
 
     from pipelines.loader import hub_cache_dir
 
-    local = _local_dir(family)
+    local = own or _local_dir(family)
     with quiet_diffusers(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # huggingface_hub's deprecation chatter
         try:
@@ -62,17 +64,22 @@ def _load(family: str, device: str, dtype: torch.dtype) -> Any | None:
     return vae.to(device).eval()
 
 
-def taesd_for(family: str, device: str, dtype: torch.dtype) -> Any | None:
+def taesd_for(
+    family: str, device: str, dtype: torch.dtype, model_dir: str | None = None
+) -> Any | None:
     """The AutoencoderTiny for `family` on `device`, or None when its weights are not on disk.
 
-    Looked up once per (family, device, dtype) and per directory setting.
+    `model_dir`, a model's own preview decoder (LoadedModel.taesd_dir), wins
+    over the family's. Looked up once per (family or model_dir, device, dtype)
+    and per directory setting.
     """
-    if family not in REPOS:
+    if model_dir is None and family not in REPOS:
         return None
-    key = (family, f"{device}/{dtype}", os.environ.get(TAESD_DIR_ENV, ""))
+    source = model_dir or os.environ.get(TAESD_DIR_ENV, "")
+    key = (family, f"{device}/{dtype}", source)
     with _lock:
         if key not in _cache:
-            _cache[key] = _load(family, device, dtype)
+            _cache[key] = _load(family, device, dtype, model_dir)
         return _cache[key]
 
 

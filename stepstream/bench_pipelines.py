@@ -1,10 +1,18 @@
-"""`stepstream bench pipelines`: per pipeline and model, what a step and a preview cost.
+"""`stepstream bench pipelines`: per pipeline and model, what a step and a preview cost,
+and how good each preview is.
 
 For each (pipeline, model) it reports the load time, the median time of one
 denoising step (hooks that do nothing, so the step alone), each preview
 method's median cost as a ratio of that step (measured on real mid-job
 latents), and peak memory: GPU memory where there is a GPU, otherwise the
 process's peak resident size so far (a high-water mark over the whole run).
+
+For each text-to-image model it then judges the previews: at every preview
+step, each method's preview (as sent: scaled, encoded, then decoded) against
+the job's final image, PSNR and SSIM averaged over --runs seeds, beside the
+method's cost (pipelines/preview_quality.py). Only stepstream/tiny-shapes has
+trained weights; the other tiny models draw noise, so their numbers say how
+fast the latents settle, not whether the preview shows a picture.
 """
 
 from __future__ import annotations
@@ -27,13 +35,16 @@ from PIL import Image
 
 from pipelines.dispatch import run_job
 from pipelines.loader import load_model
+from pipelines.preview_quality import PreviewScore, score_previews
 from pipelines.previews import render_preview
 from pipelines.taesd import TAESD_DIR_ENV, taesd_for
 from pipelines.tiny import TINY_SD, TINY_SDXL
+from pipelines.tiny_shapes import TINY_SHAPES
 from pipelines.tiny_svd import TINY_SVD
 from protocol.messages import ImageToImageParams, ImageToVideoParams, JobParams, TextToImageParams
 
 METHODS = ("latent_rgb", "taesd", "vae")
+SHAPES_PROMPT = "a red circle on a blue background"
 
 
 class _StepClock:
@@ -67,6 +78,9 @@ class Row:
     step_ms: float
     preview_ratios: dict[str, float | None]
     peak_mib: float
+    quality: list[PreviewScore] | None = None
+    """Text-to-image only: each method's preview at each preview step, means over seeds."""
+    prompt: str = ""
 
 
 def _input_image(size: int) -> bytes:
@@ -90,7 +104,11 @@ def _cases(size: int, steps: int, frames: int) -> list[tuple[str, str, JobParams
     i2v = ImageToVideoParams(
         image=image, width=size, height=size, num_frames=frames, num_inference_steps=steps
     )
+    shapes = TextToImageParams(
+        prompt=SHAPES_PROMPT, width=size, height=size, num_inference_steps=steps
+    )
     return [
+        ("text-to-image", TINY_SHAPES, shapes),
         ("text-to-image", TINY_SD, t2i),
         ("image-to-image", TINY_SD, i2i),
         ("text-to-image", TINY_SDXL, t2i),
@@ -106,7 +124,32 @@ def _peak_mib(device: str) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def bench_case(pipeline: str, model_id: str, params: JobParams, runs: int, repeats: int) -> Row:
+def mean_scores(runs: list[list[PreviewScore]]) -> list[PreviewScore]:
+    """Per (step, method), the mean PSNR (capped at 100 dB), SSIM and seconds over runs."""
+    out = []
+    for scores in zip(*runs, strict=True):
+        first = scores[0]
+        out.append(
+            PreviewScore(
+                first.step,
+                first.method,
+                first.used,
+                statistics.fmean(min(s.psnr, 100.0) for s in scores),
+                statistics.fmean(s.ssim for s in scores),
+                statistics.fmean(s.seconds for s in scores),
+            )
+        )
+    return out
+
+
+def bench_case(
+    pipeline: str,
+    model_id: str,
+    params: JobParams,
+    runs: int,
+    repeats: int,
+    preview_every: int = 4,
+) -> Row:
     model = load_model(model_id)
     if torch.device(model.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -122,7 +165,8 @@ def bench_case(pipeline: str, model_id: str, params: JobParams, runs: int, repea
     assert latents is not None
     ratios: dict[str, float | None] = {}
     for method in METHODS:
-        if method == "taesd" and taesd_for(model.family, model.device, model.dtype) is None:
+        own = model.taesd_dir
+        if method == "taesd" and taesd_for(model.family, model.device, model.dtype, own) is None:
             ratios[method] = None  # no weights on disk: it would fall back to latent_rgb
             continue
         costs = []
@@ -131,7 +175,14 @@ def bench_case(pipeline: str, model_id: str, params: JobParams, runs: int, repea
             render_preview(model, latents, method, "webp")
             costs.append(time.perf_counter() - start)
         ratios[method] = statistics.median(costs) / step
-    return Row(pipeline, model_id, model.load_seconds, step * 1000, ratios, _peak_mib(model.device))
+    quality, prompt = None, ""
+    if isinstance(params, TextToImageParams):
+        prompt = params.prompt
+        quality = mean_scores(
+            [score_previews(model, params, seed, preview_every, METHODS)[1] for seed in range(runs)]
+        )
+    peak = _peak_mib(model.device)
+    return Row(pipeline, model_id, model.load_seconds, step * 1000, ratios, peak, quality, prompt)
 
 
 def format_table(rows: list[Row], device: str, note: str) -> str:
@@ -150,6 +201,23 @@ def format_table(rows: list[Row], device: str, note: str) -> str:
             + " | ".join(cells)
             + f" | {r.peak_mib:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def format_quality(row: Row) -> str:
+    """One table per model: methods down, preview steps across, "PSNR dB / SSIM" in each cell."""
+    assert row.quality is not None
+    steps = sorted({s.step for s in row.quality})
+    head = "| method | cost / step | " + " | ".join(f"step {k}" for k in steps) + " |"
+    lines = [head, "|" + "---|" * (2 + len(steps))]
+    for method in METHODS:
+        scores = {s.step: s for s in row.quality if s.method == method}
+        used = {s.used for s in scores.values()}
+        ratio = row.preview_ratios[method]
+        name = method if used == {method} else f"{method} (as {'/'.join(sorted(used))})"
+        cost = "n/a" if ratio is None else f"{ratio:.3f}"
+        cells = [f"{scores[k].psnr:.1f} / {scores[k].ssim:.3f}" for k in steps]
+        lines.append(f"| {name} | {cost} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -182,7 +250,7 @@ def run_bench_pipelines(args: argparse.Namespace) -> int:
     taesd = random_taesd() if args.taesd_random_weights else contextlib.nullcontext()
     with taesd:
         rows = [
-            bench_case(p, m, params, args.runs, args.repeats)
+            bench_case(p, m, params, args.runs, args.repeats, args.preview_every)
             for p, m, params in _cases(args.size, args.steps, args.frames)
         ]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -194,4 +262,14 @@ def run_bench_pipelines(args: argparse.Namespace) -> int:
         + ("; taesd: real architecture, random weights" if args.taesd_random_weights else "")
     )
     print(format_table(rows, device, note))
+    for row in rows:
+        if row.quality is None:
+            continue
+        print(
+            f'\npreview quality, {row.model_id}: "{row.prompt}", {args.size}x{args.size}, '
+            f"{args.steps} steps, a preview every {args.preview_every}; each cell: PSNR dB / "
+            f"SSIM of the preview (webp, decoded) against the final image, mean of "
+            f"{args.runs} seeds; cost / step as above\n"
+        )
+        print(format_quality(row))
     return 0

@@ -223,8 +223,8 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--preview-method",
         default="latent_rgb",
-        choices=["latent_rgb", "vae", "none"],
-        help="cheap latent colours, the exact VAE decode, or no previews",
+        choices=["latent_rgb", "taesd", "vae", "none"],
+        help="cheap latent colours, the tiny preview decoder, the exact VAE decode, or none",
     )
     gen.add_argument(
         "--max-price",

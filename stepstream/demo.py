@@ -4,10 +4,12 @@ Starts a local anvil node (installed from npm into .tools/ on first use),
 deploys the project's contracts to it (Controller, TicketBroker,
 RoundsManager, BondingManager, Minter) with the orchestrator registered as
 an active transcoder, funds the broadcaster's deposit and reserve, and
-settles the job's winning tickets on it. Writes under --out: the final
-image, every preview (`image.preview-NNN.png`), a strip and an animation of
-the previews, and prints a summary of the job's steps, speed, payments, fee
-and the fees the chain credited to the orchestrator.
+settles the job's winning tickets on it. The job runs stepstream/tiny-shapes,
+the tiny model with trained weights, so the previews show its shape emerging.
+Writes under --out: the final image, every preview (`image.preview-NNN.png`),
+a strip and an animation of the previews (enlarged, for a 64x64 job), and
+prints a summary of the job's steps, speed, payments, fee and the fees the
+chain credited to the orchestrator.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import anyio
 from PIL import Image
 
 from broadcaster.session import BroadcasterSession
-from pipelines.tiny import TINY_SD
+from pipelines.tiny_shapes import TINY_SHAPES
 from protocol.job_events import JobError, JobResult, PreviewFrame
 from protocol.messages import TextToImageParams
 from protocol.pm import address_of
@@ -35,11 +37,21 @@ from stepstream.anvil import find_or_install_anvil, run_anvil
 from stepstream.demo_gateway import demo_gateway
 from stepstream.generate import image_path, preview_path
 from stepstream.keys import write_new_key
-from stepstream.processes import orchestrator_process
+from stepstream.processes import model_entry, orchestrator_process
 
-STEPS, PREVIEW_EVERY, SIZE = 24, 4, 128
+MODEL, PROMPT = TINY_SHAPES, "a yellow triangle on a blue background"
+STEPS, PREVIEW_EVERY, SIZE = 24, 4, 64
+"""tiny-shapes draws at the 64x64 it was trained at."""
+SHOWN_SIDE = 256
+"""The strip's and animation's frames are enlarged (nearest neighbour) to this side."""
 ETH = 10**18
 DEPOSIT, RESERVE = ETH // 10, ETH // 10
+
+
+def enlarged(frame: Image.Image, side: int = SHOWN_SIDE) -> Image.Image:
+    """`frame` scaled up by a whole factor (nearest neighbour) to about `side`; never down."""
+    factor = max(1, side // max(frame.size))
+    return frame.resize((frame.width * factor, frame.height * factor), Image.Resampling.NEAREST)
 
 
 def save_strip(frames: list[Image.Image], path: Path) -> None:
@@ -80,19 +92,20 @@ async def run_demo_on_chain(out: Path, eth_url: str) -> int:
     flags += ["--face-value", "1", "--redeem-cost-multiplier", "0"]
     image = out / "image.png"
     params = TextToImageParams(
-        prompt="a lighthouse on a cliff at dusk, oil painting",
+        prompt=PROMPT,
         width=SIZE,
         height=SIZE,
         num_inference_steps=STEPS,
         seed=42,
     )
-    with orchestrator_process(out, chain_flags=flags) as orchestrator:
+    entries = [model_entry(MODEL)]
+    with orchestrator_process(out, entries, chain_flags=flags) as orchestrator:
         url = orchestrator.url
         print(f"orchestrator listening at {url}, settling on {eth_url}")
         async with BroadcasterSession(url, key, max_price=Fraction(10**6)) as session:
             frames: list[Image.Image] = []
             async for event in session.generate(
-                params, model_id=TINY_SD, preview_every=PREVIEW_EVERY
+                params, model_id=MODEL, preview_every=PREVIEW_EVERY
             ):
                 if isinstance(event, PreviewFrame):
                     frame = Image.open(io.BytesIO(event.image)).convert("RGB")
@@ -123,13 +136,15 @@ def save_and_summarise(
 ) -> None:
     for i, img in enumerate(result.images):
         image_path(image, i).write_bytes(img.image)
-    save_strip(frames, out / "previews-strip.png")
-    frames[0].save(
-        out / "previews.gif", save_all=True, append_images=frames[1:], duration=300, loop=0
+    shown = [enlarged(f) for f in frames]
+    save_strip(shown, out / "previews-strip.png")
+    shown[0].save(
+        out / "previews.gif", save_all=True, append_images=shown[1:], duration=300, loop=0
     )
     ttfp = f"{result.time_to_first_preview:.2f} s" if result.time_to_first_preview else "n/a"
     print(
         "\nsummary\n"
+        f'  model, prompt          {MODEL}, "{PROMPT}"\n'
         f"  image                  {image} ({SIZE}x{SIZE}), previews: {len(frames)}, "
         f"strip: {out / 'previews-strip.png'}, animation: {out / 'previews.gif'}\n"
         f"  steps                  {result.steps}\n"

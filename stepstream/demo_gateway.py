@@ -18,6 +18,9 @@ import httpx
 
 from stepstream.processes import stepstream_process
 
+PROMPT = "a white circle on a red background"
+"""A prompt stepstream/tiny-shapes (the demo orchestrator's model) knows."""
+
 
 @contextmanager
 def gateway_process(
@@ -45,7 +48,7 @@ async def demo_gateway(
 ) -> None:
     with gateway_process(out, orchestrator_url, key, chain_flags) as url:
         print(f"\ngateway listening at {url}  (open it in a browser to run and watch a job)")
-        body = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_inference_steps": 12}
+        body = {"prompt": PROMPT, "width": 64, "height": 64, "num_inference_steps": 12}
         async with httpx.AsyncClient(timeout=120) as client:
             response = await client.post(f"{url}/text-to-image", json=body)
         print(f"  POST {url}/text-to-image -> {response.status_code} {response.text}")

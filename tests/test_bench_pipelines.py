@@ -1,12 +1,20 @@
-"""`stepstream bench pipelines` measures what it says, on the real tiny video model."""
+"""`stepstream bench pipelines` measures what it says, on the real tiny models."""
 
 from __future__ import annotations
 
 import pytest
 
+from pipelines.tiny_shapes import TINY_SHAPES
 from pipelines.tiny_svd import TINY_SVD
-from protocol.messages import ImageToVideoParams
-from stepstream.bench_pipelines import METHODS, _input_image, bench_case, format_table
+from protocol.messages import ImageToVideoParams, TextToImageParams
+from stepstream.bench_pipelines import (
+    METHODS,
+    SHAPES_PROMPT,
+    _input_image,
+    bench_case,
+    format_quality,
+    format_table,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
@@ -28,3 +36,18 @@ def test_bench_case_reports_step_and_preview_costs(
     table = format_table([row], "cpu", "note")
     assert f"| image-to-video | {TINY_SVD} |" in table and "| n/a |" in table
     assert all(f"{m} / step" in table for m in METHODS)
+
+
+def test_bench_case_judges_each_preview_against_the_final_image() -> None:
+    """tiny-shapes: every method at every preview step, closer at the end than at the start."""
+    params = TextToImageParams(prompt=SHAPES_PROMPT, width=64, height=64, num_inference_steps=8)
+    row = bench_case("text-to-image", TINY_SHAPES, params, runs=1, repeats=1, preview_every=4)
+    assert row.quality is not None and row.prompt == SHAPES_PROMPT
+    assert {(s.step, s.method) for s in row.quality} == {(k, m) for k in (4, 8) for m in METHODS}
+    assert {s.used for s in row.quality} == set(METHODS)  # tiny-shapes ships its own TAESD
+    for method in METHODS:
+        first, last = (s for s in row.quality if s.method == method)
+        assert last.psnr > first.psnr and last.ssim > first.ssim
+    table = format_quality(row)
+    assert table.splitlines()[0] == "| method | cost / step | step 4 | step 8 |"
+    assert len(table.splitlines()) == 2 + len(METHODS)
