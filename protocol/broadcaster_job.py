@@ -11,6 +11,7 @@ what comes out, in order:
     for out in [*job.on_message(accepted, now), *job.payments()]:
         SendPayment -> sign `count` tickets against `params` and send them
         SendCancel  -> send `cancel`
+        EndConnection -> send a fatal `error` with its code and close (a bad result, J7)
         Emit        -> hand `event` to the caller
 
 `payments()` is asked after the caller has seen a message's events, so a
@@ -49,6 +50,7 @@ from protocol.messages import (
 )
 from protocol.pm import ticket_ev
 from protocol.rate import StepRate
+from protocol.result_check import result_problem
 
 MAX_TICKETS_PER_PAYMENT = 1024
 """A payment carries at most this many tickets (spec 4.1)."""
@@ -70,7 +72,14 @@ class SendCancel:
     pass
 
 
-JobOutput = Emit | SendPayment | SendCancel
+@dataclass(frozen=True)
+class EndConnection:
+    """End the connection with a fatal error: the orchestrator cannot be trusted with it."""
+
+    error: ProtocolError
+
+
+JobOutput = Emit | SendPayment | SendCancel | EndConnection
 
 
 class Phase(StrEnum):
@@ -111,6 +120,7 @@ class BroadcasterJob:
         now: float,
         max_price: Fraction | None = None,
         lead_steps: int = 1,
+        output_size: tuple[int, int] | None = None,
     ) -> None:
         self.request = request
         self.job_id = request.job_id
@@ -120,6 +130,8 @@ class BroadcasterJob:
         """What the request's output makes a step carry (computed by the caller, spec 6.1)."""
         self.max_price = max_price
         self.lead_steps = lead_steps
+        self.output_size = output_size
+        """(width, height) every result image must have (spec 6.1); None: not checked."""
         self.phase = Phase.REQUESTED
         self.quote: JobAccepted | None = None
         self.ticket_params: TicketParams | None = None
@@ -277,6 +289,11 @@ class BroadcasterJob:
 
     def _result(self, result: Result, now: float) -> list[JobOutput]:
         self.phase = Phase.ENDED
+        assert self.quote is not None
+        problem = result_problem(result, self.request, self.quote, self.output_size)
+        if problem is not None:  # spec J7: never handed to the caller
+            bad = ProtocolError(ErrorCode.INVALID_RESULT, problem)
+            return [EndConnection(bad), *self._end(bad.code.value, problem)]
         schedule = self.schedule
         event = JobResult(
             job_id=self.job_id,
