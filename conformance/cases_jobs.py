@@ -149,7 +149,6 @@ async def no_steps(ctx: CaseContext) -> None:
     "J1-no-capacity",
     "J1",
     title="with every slot of the model busy, a job is no_capacity",
-    alone=True,
 )
 async def no_capacity(ctx: CaseContext) -> str:
     cap = ctx.capability

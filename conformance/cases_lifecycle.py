@@ -57,7 +57,7 @@ async def until_closed(wire: Wire, limit: float) -> tuple[Error | None, int | No
     "L1-hello-timeout",
     "L1",
     title="no hello within the hello timeout: idle_timeout, close 1000",
-    alone=True,
+    background=True,
 )
 async def hello_timeout(ctx: CaseContext) -> str:
     wire = await ctx.connect()
@@ -74,7 +74,7 @@ async def hello_timeout(ctx: CaseContext) -> str:
     "L1-idle-timeout",
     "L1",
     title="no job within the idle timeout: idle_timeout, close 1000",
-    alone=True,
+    background=True,
 )
 async def idle_timeout(ctx: CaseContext) -> str:
     wire, _ = await ctx.ready()

@@ -21,8 +21,11 @@ class Case:
     run: CaseFunction
     slow: bool = False
     """Waits on block time (expiry, refresh): run only with --slow."""
+    background: bool = False
+    """Mostly waits on the node's timers, holding one idle connection: runs alongside the
+    other cases (but never beside an `alone` one)."""
     alone: bool = False
-    """Counts connections or waits on idle timers: nothing else may hold one meanwhile."""
+    """Counts the suite's connections: no background case may run meanwhile."""
 
 
 class Registry:
@@ -30,14 +33,20 @@ class Registry:
         self.cases: list[Case] = []
 
     def case(
-        self, name: str, *ids: str, title: str, slow: bool = False, alone: bool = False
+        self,
+        name: str,
+        *ids: str,
+        title: str,
+        slow: bool = False,
+        background: bool = False,
+        alone: bool = False,
     ) -> Callable[[CaseFunction], CaseFunction]:
         def register(run: CaseFunction) -> CaseFunction:
             if any(c.name == name for c in self.cases):
                 raise ValueError(f"case {name} registered twice")
             if not name.startswith(ids[0]):
                 raise ValueError(f"case {name} must start with its first id {ids[0]}")
-            self.cases.append(Case(name, ids, title, run, slow, alone))
+            self.cases.append(Case(name, ids, title, run, slow, background, alone))
             return run
 
         return register

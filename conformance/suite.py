@@ -79,11 +79,28 @@ async def run_suite(
         report.seconds = time.monotonic() - started
         return report
     baseline = {(c.pipeline, c.model_id): c.in_use for c in info.capabilities}
-    for case in cases:
-        result = await run_case(case, options, info)
-        report.results.append(result)
+    done: dict[str, CaseResult] = {}
+    background = [c for c in cases if c.background]
+    background_done = anyio.Event()
+
+    async def run(case: Case) -> None:
+        done[case.name] = await run_case(case, options, info)
         if on_result is not None:
-            on_result(result)
+            on_result(done[case.name])
+        if all(c.name in done for c in background):
+            background_done.set()
+
+    if not background:
+        background_done.set()
+    async with anyio.create_task_group() as tg:
+        for case in background:  # the node's timers run while the other cases do
+            tg.start_soon(run, case)
+        for case in cases:
+            if case.alone:
+                await background_done.wait()
+            if not case.background:
+                await run(case)
+    report.results.extend(done[c.name] for c in cases)
     report.results.append(await _cleanup_check(options, baseline))
     report.seconds = time.monotonic() - started
     return report

@@ -247,3 +247,60 @@ async def test_each_planted_broadcaster_fault_fails_its_case(
     session = session_type or faults.session_with(job_type)  # type: ignore[arg-type]
     got = await serve_verdicts(session)
     assert serve_failed(got) == expected, got
+
+
+# ------------------------------------------------------------ slow and chain cases
+
+
+async def test_the_slow_case_sees_a_refresh_then_the_old_parameters_expire(
+    tiny_model: LoadedModel,
+) -> None:
+    """K10 and check 8 of K2 (`--slow`): with half-second blocks the case takes seconds."""
+    from settlement.chain import Settlement
+
+    def clock() -> int:
+        return int(time.monotonic() / 0.5)
+
+    async with loopback_orchestrator(
+        tiny_model,
+        price=PRICE,
+        capacity=1,
+        payment_timeout=1.0,
+        current_block=clock,
+        ticket_validity_blocks=6,
+        refresh_blocks=2,
+    ) as lo:
+        options = Options(
+            url=lo.url, key=secrets.token_bytes(32), timeout=8.0, settlement=Settlement(clock)
+        )
+        report = await run_suite(options, REGISTRY.select(["K10"], slow=True))
+    (case, cleanup) = report.results
+    assert case.name == "K10-refreshed-then-old-params-expire"
+    assert case.verdict is Verdict.PASS and cleanup.verdict is Verdict.PASS, report.summary()
+    assert lo.orch.stats.params_refreshed >= 1
+
+
+async def test_an_orchestrator_on_a_chain_refuses_an_unfunded_sender(
+    tiny_model: LoadedModel,
+) -> None:
+    """With the chain given (--eth-url, here the embedded chain) K14 is checked, not skipped,
+    and the round and its block hash come from the chain (K11)."""
+    from settlement.chain import EmbeddedChain
+    from tests.test_payments import funded_key, orchestrator_key
+
+    chain = EmbeddedChain()
+    o_key, b_key = orchestrator_key(chain), funded_key(chain)
+    async with loopback_orchestrator(
+        tiny_model, price=PRICE, capacity=1, private_key=o_key, settlement=chain.account(o_key)
+    ) as lo:
+        options = Options(
+            url=lo.url,
+            key=b_key,
+            timeout=15.0,
+            settlement=chain.account(b_key),
+            on_chain=True,
+        )
+        report = await run_suite(options, REGISTRY.select(["K14", "K11", "C5"], slow=False))
+    verdicts = {r.name: r.verdict for r in report.results}
+    assert set(verdicts.values()) == {Verdict.PASS}, report.summary()
+    assert "K14-insufficient-funds" in verdicts
