@@ -101,7 +101,7 @@ async def ev_window(ctx: CaseContext) -> str:
                 f"EV {float(ev):.3f} for a window of {float(window):.3f} wei (N={every})",
             )
         shown.append(f"N={every}: EV - window = {float(ev - window):.3g} wei")
-        await wire.close()
+        await ctx.end(wire)
     return "; ".join(shown)
 
 

@@ -94,7 +94,10 @@ class CaseContext:
         return wire, await wire.hello()
 
     async def cleanup(self) -> None:
-        """Cancel and drain any job still running, then close every connection."""
+        """Cancel and drain any job still running, then close every connection. A job whose
+        connection failed under it ends on the node's own time: wait until its slot is
+        free, so that the next case finds the node as this one did."""
+        abandoned = False
         for wire in self._wires:
             if wire.is_open and wire.conn.state in (State.JOB_REQUESTED, State.JOB_RUNNING):
                 job_id = wire.conn.job_id
@@ -103,9 +106,37 @@ class CaseContext:
                     await wire.send(Cancel(job_id=job_id))
                     await wire.recv_until(job_ended, timeout=self.options.timeout)
                 except (CaseFailed, Closed, Exception):  # noqa: BLE001 - best effort
-                    pass
+                    abandoned = True
+            elif wire.conn.job_id is not None and wire.conn.state is not State.READY:
+                abandoned = True  # closed (a fatal error) with a job in flight
             await wire.close()
         self._wires.clear()
+        if abandoned:
+            await self.slots_free()
+
+    async def slots_free(self) -> None:
+        """Wait (at most `timeout`) until every capability's in_use is back to what the
+        suite found when it started."""
+        before = {(c.pipeline, c.model_id): c.in_use for c in self.info.capabilities}
+        with anyio.move_on_after(self.options.timeout):
+            while True:
+                wire = await Wire.open(self.options.url, self.sender, self.options.timeout)
+                try:
+                    info = await wire.hello()
+                finally:
+                    await wire.close()
+                if all(
+                    c.in_use <= before.get((c.pipeline, c.model_id), 0) for c in info.capabilities
+                ):
+                    return
+                await anyio.sleep(0.1)
+
+    async def end(self, wire: Wire) -> None:
+        """Cancel the wire's job and read until it ends (its slot is free again)."""
+        if wire.conn.state in (State.JOB_REQUESTED, State.JOB_RUNNING):
+            assert wire.conn.job_id is not None
+            await wire.send(Cancel(job_id=wire.conn.job_id))
+            await wire.recv_until(job_ended)
 
     # ------------------------------------------------------------------ jobs
 
