@@ -119,7 +119,7 @@ async def exact_credit(ctx: CaseContext) -> str:
         )
         want = min(accepted.steps, int(total * ev // f))
         check(credit.covered_steps == want, f"covered_steps {credit.covered_steps}, not {want}")
-    return f"EV per ticket {ev.numerator}/{ev.denominator} wei"
+    return f"EV per ticket {float(ev):.6g} wei, compared as an exact fraction"
 
 
 @cases.case(

@@ -220,7 +220,8 @@ class CaseContext:
                 await wire.send(self.pay(request.job_id, params, due))
 
         await pay_for(0)
-        with anyio.fail_after(self.options.timeout + accepted.steps * 5):
+        limit = self.options.timeout + accepted.steps * 5
+        with anyio.move_on_after(limit):
             while True:
                 message = await wire.recv()
                 seen.append(message)
@@ -231,6 +232,7 @@ class CaseContext:
                         params = message.ticket_params
                         schedule.ticket_ev = params_ev(params)
                     await pay_for(message.step)
+        raise CaseFailed(f"the job ran for {limit:g} s without ending")
 
     async def run_job(self, wire: Wire, request: JobRequest) -> tuple[JobAccepted, list[Message]]:
         accepted = await self.start(wire, request)

@@ -99,7 +99,8 @@ class Wire:
     ) -> list[Message]:
         """Messages up to and including the first one `wanted` accepts."""
         seen: list[Message] = []
-        with anyio.fail_after(self.timeout if timeout is None else timeout):
+        wait = self.timeout if timeout is None else timeout
+        with anyio.move_on_after(wait):
             while True:
                 try:
                     message = await self.recv()
@@ -109,6 +110,8 @@ class Wire:
                 seen.append(message)
                 if wanted(message):
                     return seen
+        got = ", ".join(_show(m) for m in seen[-5:]) or "nothing"
+        raise CaseFailed(f"waited {wait:g} s in vain; the last messages: {got}")
 
     async def expect(self, kind: type[M], timeout: float | None = None) -> M:
         """The next message, which must be a `kind`."""

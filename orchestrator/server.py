@@ -443,10 +443,12 @@ class Orchestrator:
 
     # ------------------------------------------------------------ payments
 
-    async def _receive_tickets(self, payment: Payment, job_seeds: set[bytes]) -> PaymentReceipt:
-        """Validate a payment against its job's parameters, the chain's block and round and
-        the sender's max float (spec 8.4, 8.8), and queue its winners durably before anyone
-        acknowledges it (8.6)."""
+    async def _receive_tickets(
+        self, payment: Payment, job_seeds: set[bytes] | None = None
+    ) -> PaymentReceipt:
+        """Validate a payment against its job's parameters (`job_seeds`; None: unchecked),
+        the chain's block and round and the sender's max float (spec 8.4, 8.8), and queue
+        its winners durably before anyone acknowledges it (8.6)."""
         try:
             block = await self.current_block()
             sender = address_str(payment.sender)
