@@ -22,7 +22,9 @@ def add_conformance_parser(sub: Any) -> None:
         help="check an orchestrator (ws://HOST:PORT), or with --serve a broadcaster, against spec/",
         description="Run the conformance suite against an orchestrator, or serve a misbehaving "
         "orchestrator for a broadcaster to connect to (--serve). Verdicts: PASS, FAIL, SKIP "
-        "(with why), INFO. spec/CONFORMANCE.md describes every case. Exit 1 on any FAIL.",
+        "(with why), INFO. spec/CONFORMANCE.md describes every case.",
+        epilog="exit codes:\n  0    no case FAILed\n  1    a case FAILed\n"
+        "  2    bad usage (a flag, a key, a URL, an unknown --case)\n  130  interrupted (Ctrl-C)",
     )
     p.add_argument("url", nargs="?", default=None, help="ws://HOST:PORT of the orchestrator")
     p.add_argument("--serve", action="store_true", help="check broadcasters instead")
