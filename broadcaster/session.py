@@ -23,7 +23,14 @@ from websockets.exceptions import ConnectionClosed
 
 from pipelines.errors import InvalidRequest
 from pipelines.requests import output_shape
-from protocol.broadcaster_job import BroadcasterJob, Emit, SendCancel, SendPayment, check_offer
+from protocol.broadcaster_job import (
+    BroadcasterJob,
+    Emit,
+    EndConnection,
+    SendCancel,
+    SendPayment,
+    check_offer,
+)
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES, check
 from protocol.connection import Connection
 from protocol.errors import ErrorCode, ProtocolError
@@ -53,6 +60,9 @@ class SessionError(Exception):
 
 
 class BroadcasterSession:
+    job_type: type[BroadcasterJob] = BroadcasterJob
+    """The job machine each job runs (tests plant faults in a subclass)."""
+
     def __init__(
         self,
         url: str,
@@ -176,7 +186,7 @@ class BroadcasterSession:
             if refusal is not None:
                 raise refusal
             check(request)
-            pixels = output_shape(params).pixels_per_step
+            shape = output_shape(params)
         except ProtocolError as err:
             yield JobError(job_id=job_id, code=err.code.value, message=err.message)
             return
@@ -184,14 +194,15 @@ class BroadcasterSession:
             yield JobError(job_id=job_id, code=ErrorCode.INVALID_REQUEST.value, message=str(exc))
             return
         assert capability is not None
-        job = BroadcasterJob(
+        job = self.job_type(
             request,
             capability,
             self.info.orchestrator,
-            pixels_per_step=pixels,
+            pixels_per_step=shape.pixels_per_step,
             now=time.monotonic(),
             max_price=self.max_price,
             lead_steps=self.lead_steps,
+            output_size=(shape.width, shape.height),
         )
         self._jobs[job_id] = job
         try:
@@ -222,11 +233,15 @@ class BroadcasterSession:
         finally:
             self._jobs.pop(job_id, None)
 
-    async def _perform(self, job: BroadcasterJob, out: SendPayment | SendCancel) -> None:
+    async def _perform(
+        self, job: BroadcasterJob, out: SendPayment | SendCancel | EndConnection
+    ) -> None:
         if isinstance(out, SendPayment):
             await self._send(self.sender.pay(job.job_id, out.params, out.count))
-        else:
+        elif isinstance(out, SendCancel):
             await self._send(Cancel(job_id=job.job_id))
+        else:
+            await self._fail(out.error)
 
     # -------------------------------------------------------------- transport
 

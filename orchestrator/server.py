@@ -144,6 +144,9 @@ class _Link:
 
 
 class Orchestrator:
+    job_type: type[OrchestratorJob] = OrchestratorJob
+    """The rules each accepted job runs by (tests plant faults in a subclass)."""
+
     def __init__(self, config: OrchestratorConfig) -> None:
         self.config = config
         self.address = address_of(config.private_key)
@@ -399,7 +402,7 @@ class Orchestrator:
             ticket_params=params,
             credit=carried,
         )
-        job = OrchestratorJob(
+        job = self.job_type(
             req,
             quote,
             payment_timeout=self.config.payment_timeout,
@@ -486,9 +489,12 @@ class Orchestrator:
 
     # ------------------------------------------------------------ payments
 
-    async def _receive_tickets(self, payment: Payment) -> PaymentReceipt:
-        """Validate a payment against the chain's block and round and the sender's max float
-        (spec 8.4, 8.8), and queue its winners durably before anyone acknowledges it (8.6)."""
+    async def _receive_tickets(
+        self, payment: Payment, job_seeds: set[bytes] | None = None
+    ) -> PaymentReceipt:
+        """Validate a payment against its job's parameters (`job_seeds`; None: unchecked),
+        the chain's block and round and the sender's max float (spec 8.4, 8.8), and queue
+        its winners durably before anyone acknowledges it (8.6)."""
         try:
             block = await self.current_block()
             sender = address_str(payment.sender)
@@ -499,7 +505,7 @@ class Orchestrator:
             return PaymentReceipt(
                 error=ProtocolError(ErrorCode.INTERNAL_ERROR, f"chain unavailable: {exc}")
             )
-        receipt = self.recipient.receive(payment, block, max_float, rounds)
+        receipt = self.recipient.receive(payment, block, max_float, rounds, job_seeds)
         if receipt.winners:
             try:
                 await anyio.to_thread.run_sync(self.winners.add, receipt.winners)
@@ -512,7 +518,9 @@ class Orchestrator:
         return receipt
 
     async def _take_payment(self, link: _Link, payment: Payment) -> None:
-        receipt = await self._receive_tickets(payment)
+        # The job it names: running, or (a late payment, spec 5.3) the one that just ended.
+        named = link.driver if link.driver and link.driver.job.job_id == payment.job_id else None
+        receipt = await self._receive_tickets(payment, named.job.issued_seeds if named else set())
         self.stats.tickets_received += receipt.accepted
         self.stats.ev_received += receipt.ev
         self.metrics.tickets_received.inc(receipt.accepted)

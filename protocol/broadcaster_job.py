@@ -11,6 +11,7 @@ what comes out, in order:
     for out in [*job.on_message(accepted, now), *job.payments()]:
         SendPayment -> sign `count` tickets against `params` and send them
         SendCancel  -> send `cancel`
+        EndConnection -> send a fatal `error` with its code and close (a bad result, J7)
         Emit        -> hand `event` to the caller
 
 `payments()` is asked after the caller has seen a message's events, so a
@@ -19,6 +20,7 @@ cancel made in between stops the payment that delivery would have released.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
@@ -53,6 +55,7 @@ from protocol.messages import (
 )
 from protocol.pm import ticket_ev
 from protocol.rate import StepRate
+from protocol.result_check import result_problem
 
 MAX_TICKETS_PER_PAYMENT = 1024
 """A payment carries at most this many tickets (spec 4.1)."""
@@ -74,7 +77,14 @@ class SendCancel:
     pass
 
 
-JobOutput = Emit | SendPayment | SendCancel
+@dataclass(frozen=True)
+class EndConnection:
+    """End the connection with a fatal error: the orchestrator cannot be trusted with it."""
+
+    error: ProtocolError
+
+
+JobOutput = Emit | SendPayment | SendCancel | EndConnection
 
 
 class Phase(StrEnum):
@@ -115,6 +125,7 @@ class BroadcasterJob:
         now: float,
         max_price: Fraction | None = None,
         lead_steps: int = 1,
+        output_size: tuple[int, int] | None = None,
     ) -> None:
         self.request = request
         self.job_id = request.job_id
@@ -124,6 +135,8 @@ class BroadcasterJob:
         """What the request's output makes a step carry (computed by the caller, spec 6.1)."""
         self.max_price = max_price
         self.lead_steps = lead_steps
+        self.output_size = output_size
+        """(width, height) every result image must have (spec 6.1); None: not checked."""
         self.phase = Phase.REQUESTED
         self.quote: JobAccepted | None = None
         self.ticket_params: TicketParams | None = None
@@ -300,23 +313,24 @@ class BroadcasterJob:
     def _frame(self, message: ResultFrame) -> list[JobOutput]:
         """A video frame ahead of the result (feature result_frames): kept, in order."""
         if message.index != len(self._frames):
-            return self._refuse(
-                ProtocolError(
-                    ErrorCode.INTERNAL_ERROR,
-                    f"result frame {message.index} arrived where {len(self._frames)} was due",
-                )
+            return self._invalid(
+                f"result frame {message.index} arrived where {len(self._frames)} was due"
             )
         self._frames.append(message.frame)
         return []
 
     def _result(self, result: Result, now: float) -> list[JobOutput]:
         self.phase = Phase.ENDED
-        frames = result.frames
-        if result.streamed_frames or self._frames:
+        assert self.quote is not None
+        if result.streamed_frames or self._frames:  # the frames came ahead (spec 9.4)
             if result.streamed_frames != len(self._frames):
-                why = f"result counts {result.streamed_frames} frames, {len(self._frames)} came"
-                return [Emit(JobError(job_id=self.job_id, code="internal_error", message=why))]
-            frames = tuple(self._frames)
+                why = f"the result counts {result.streamed_frames} frames, {len(self._frames)} came"
+                return self._invalid(why)
+            result = dataclasses.replace(result, frames=tuple(self._frames), streamed_frames=0)
+        problem = result_problem(result, self.request, self.quote, self.output_size)
+        if problem is not None:  # spec J7: never handed to the caller
+            return self._invalid(problem)
+        frames = result.frames
         schedule = self.schedule
         event = JobResult(
             job_id=self.job_id,
@@ -334,6 +348,11 @@ class BroadcasterJob:
             fps=result.fps,
         )
         return [Emit(event)]
+
+    def _invalid(self, problem: str) -> list[JobOutput]:
+        """A result that is not the one asked for (spec J7): end the connection."""
+        bad = ProtocolError(ErrorCode.INVALID_RESULT, problem)
+        return [EndConnection(bad), *self._end(bad.code.value, problem)]
 
     def _end(self, code: str, message: str) -> list[JobOutput]:
         self.phase = Phase.ENDED

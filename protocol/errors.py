@@ -43,6 +43,8 @@ class ErrorCode(StrEnum):
     PIPELINE_FAILED = "pipeline_failed"
     RUNNER_LOST = "runner_lost"
     CANCELLED = "cancelled"
+    INVALID_RESULT = "invalid_result"
+    """Broadcaster side: a result that does not match its request (spec J7); fatal."""
     NO_ORCHESTRATOR = "no_orchestrator"
     """Broadcaster side: no orchestrator could finish the job (spec 15.4)."""
     INTERNAL_ERROR = "internal_error"

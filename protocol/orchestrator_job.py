@@ -199,6 +199,9 @@ class OrchestratorJob:
         """Seconds the runner has to confirm a stop; after that the job ends without it."""
         self.ticket_params = quote.ticket_params
         """The parameters the job's payments use now (the quote's, or refreshed ones)."""
+        self.issued_seeds: set[bytes] = {quote.ticket_params.seed}
+        """Seeds of every parameter set issued for this job: its payments may use only
+        these (spec 8.1, check 3 of 8.4)."""
         self.phase = Phase.RUNNING
         self.granted = 0
         """Steps granted to the runner: always what credit covered when it was sent."""
@@ -311,6 +314,7 @@ class OrchestratorJob:
     def use_params(self, params: TicketParams) -> None:
         """Fresh parameters, sent with the next progress and used from then on."""
         self.ticket_params = params
+        self.issued_seeds.add(params.seed)
         self._fresh_params = params
 
     # --------------------------------------------------------------- runner

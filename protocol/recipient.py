@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -207,6 +207,7 @@ class Recipient:
         current_block: int,
         max_float: int | None = None,
         rounds: RoundView | None = None,
+        job_seeds: Collection[bytes] | None = None,
     ) -> PaymentReceipt:
         """Check each ticket in spec order; credit those before the first fault.
 
@@ -216,12 +217,13 @@ class Recipient:
         nor kept. `max_float` is what the sender's deposit and reserve can
         still pay out to this recipient (None: no chain, no check); each
         ticket's face value must fit in it, less the winners already found in
-        this payment.
+        this payment. `job_seeds` are the seeds of the parameters issued for the
+        job the payment names (spec 8.1): others fail check 3 (None: not checked).
         """
         receipt = PaymentReceipt()
         params = payment.ticket_params
         try:
-            rand = self._check_params(payment.sender, params)
+            rand = self._check_params(payment.sender, params, job_seeds)
         except ProtocolError as err:
             receipt.error = err
             return receipt
@@ -298,8 +300,11 @@ class Recipient:
             receipt.ev += ev
         return receipt
 
-    def _check_params(self, sender: bytes, params: TicketParams) -> int:
-        """Recipient, sender, parameter MAC and rand, in that order; returns recipient_rand."""
+    def _check_params(
+        self, sender: bytes, params: TicketParams, job_seeds: Collection[bytes] | None = None
+    ) -> int:
+        """Recipient, sender, parameter MAC (and the job's), rand, in that order;
+        returns recipient_rand."""
         if params.recipient != self._address_bytes:
             raise ProtocolError(
                 ErrorCode.TICKET_WRONG_RECIPIENT, "tickets are not made out to this orchestrator"
@@ -311,6 +316,11 @@ class Recipient:
             raise ProtocolError(
                 ErrorCode.INVALID_TICKET_PARAMS,
                 "ticket parameters were not issued by this orchestrator for this sender",
+            )
+        if job_seeds is not None and params.seed not in job_seeds:
+            raise ProtocolError(
+                ErrorCode.INVALID_TICKET_PARAMS,
+                "ticket parameters were not issued for this job (spec 8.1)",
             )
         rand = derive_recipient_rand(self._secret, params.seed, address_str(sender))
         if recipient_rand_hash(rand) != params.recipient_rand_hash:

@@ -1,4 +1,5 @@
-"""The `stepstream` command: orchestrator, gateway, generate, keys, bench, deploy-broker."""
+"""The `stepstream` command: orchestrator, gateway, generate, keys, bench, deploy-broker,
+conformance."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from conformance.cli import add_conformance_parser
 from orchestrator.connection_limits import (
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -372,12 +374,15 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preview-every", type=int, default=4, help="a preview every N steps")
     bench.add_argument("--model", default="stepstream/tiny-sd", help="model id")
     add_runner_parser(sub)
+    add_conformance_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    quiet = args.command in ("bench", "generate", "keys") or getattr(args, "quiet", False)
+    quiet = args.command in ("bench", "generate", "keys", "conformance") or getattr(
+        args, "quiet", False
+    )
     level = logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
     configure_logging(logging.WARNING if quiet and level != logging.DEBUG else level)
     if args.command == "runner" and args.managed:
@@ -425,6 +430,10 @@ def _run(args: argparse.Namespace) -> int:
         from stepstream.bench_failover import run_failover_bench
 
         return run_failover_bench(args)
+    if args.command == "conformance":
+        from conformance.cli import run_conformance
+
+        return run_conformance(args)
     if args.command == "bench":
         from stepstream.bench import run_bench
 

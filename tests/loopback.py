@@ -98,6 +98,7 @@ async def loopback_orchestrator(
     pipelines: Sequence[str] = ("text-to-image",),
     entries: Sequence[ModelEntry] | None = None,
     preloaded: bool = True,
+    orchestrator_type: type[Orchestrator] = Orchestrator,
     **config: Any,
 ) -> AsyncIterator[LoopbackOrchestrator]:
     """An orchestrator on 127.0.0.1 whose runner holds `models` (already loaded).
@@ -105,7 +106,8 @@ async def loopback_orchestrator(
     It offers the first model for each of `pipelines`, or exactly `entries`
     (their url and token are filled in); with `preloaded=False` the runner loads them
     itself, as a fresh one would. `plan` injects faults in the runner,
-    `wire` on the orchestrator's connections; `config` overrides
+    `wire` on the orchestrator's connections; `orchestrator_type` may be a
+    test's subclass with a planted fault; `config` overrides
     OrchestratorConfig fields.
     """
     loaded = [models] if isinstance(models, LoadedModel) else list(models)
@@ -124,7 +126,7 @@ async def loopback_orchestrator(
             private_key=secrets.token_bytes(32),
             runners=RunnerSettings(devices=[]),
         )
-        orch = Orchestrator(replace(base, **config))
+        orch = orchestrator_type(replace(base, **config))
         async with orch.serve("127.0.0.1", 0) as server:
             if any(e.warm for e in offered):
                 await orch.load_warm_models()

@@ -8,6 +8,7 @@ from fractions import Fraction
 from protocol.broadcaster_job import (
     BroadcasterJob,
     Emit,
+    EndConnection,
     Phase,
     SendCancel,
     SendPayment,
@@ -203,10 +204,7 @@ def test_the_result_sums_what_was_paid_and_won() -> None:
     )
     shown = Preview(job_id="j", step=2, image=b"x", format="webp", width=8, height=8)
     job.on_message(shown, 1.5)
-    result = Result(
-        job_id="j", images=(), steps=STEPS, pixel_steps=PIXELS * STEPS, fee=STEP_FEE * STEPS
-    )
-    done = events(job.on_message(result, 4.0))[0]
+    done = events(job.on_message(good_result(), 4.0))[0]
     assert isinstance(done, JobResult)
     assert (done.winners, done.tickets_sent, done.seconds) == (1, 1, 4.0)
     assert done.ev_paid == job.schedule.paid and done.time_to_first_preview == 1.5  # type: ignore[union-attr]
@@ -266,3 +264,48 @@ def test_status_is_reported() -> None:
         job.on_message(Status(job_id="j", phase="loading", next_within_ms=4000), 0.5)
     )
     assert isinstance(status, JobStatus) and status.phase == "loading"
+
+
+def png(width: int = 64, height: int = 64) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def good_result(**changes: object) -> Result:
+    image = ResultImage(image=png(), format="png", width=64, height=64, seed=7)
+    base = Result(
+        job_id="j", images=(image,), steps=STEPS, pixel_steps=PIXELS * STEPS, fee=STEP_FEE * STEPS
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def test_a_result_that_does_not_match_the_request_ends_the_connection() -> None:
+    """Spec J7: the caller never sees it; B tells O with a fatal invalid_result."""
+    wrong_size = ResultImage(image=png(72, 64), format="png", width=72, height=64, seed=7)
+    lying_size = ResultImage(image=png(72, 64), format="png", width=64, height=64, seed=7)
+    not_png = ResultImage(image=b"GIF89a" + bytes(40), format="png", width=64, height=64, seed=7)
+    bad = {
+        "wrong size": good_result(images=(wrong_size,)),
+        "fields that lie": good_result(images=(lying_size,)),
+        "not a png": good_result(images=(not_png,)),
+        "one image too many": good_result(images=good_result().images * 2),
+        "steps": good_result(steps=STEPS - 1),
+        "fee": good_result(fee=STEP_FEE * STEPS + 1),
+    }
+    for why, result in bad.items():
+        job = new_job(output_size=(64, 64))
+        job.on_message(quote(), 1.0)
+        outputs = job.on_message(result, 2.0)
+        ends = [o for o in outputs if isinstance(o, EndConnection)]
+        assert len(ends) == 1 and ends[0].error.code == "invalid_result", why
+        (error,) = events(outputs)
+        assert isinstance(error, JobError) and error.code == "invalid_result", why
+        assert job.ended
+    job = new_job(output_size=(64, 64))
+    job.on_message(quote(), 1.0)
+    assert isinstance(events(job.on_message(good_result(), 2.0))[0], JobResult)

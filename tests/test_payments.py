@@ -184,7 +184,8 @@ async def test_each_refused_ticket_has_its_code_and_earns_nothing(
         await case(expired, "ticket_params_expired")
         await case(lambda p, c: p, "sender_insufficient_funds", key=funded_key(chain, 0, 0))
 
-        # A nonce accepted on one connection is refused on another (shared ledger).
+        # A nonce is accepted once: a replay on the same job is refused (check 6), and
+        # on another connection the parameters are not that job's (check 3, spec 8.1).
         async with connect(running.url) as ws1, connect(running.url) as ws2:
             first, second = Client(ws1, b_key), Client(ws2, b_key)
             accepted = await first.start_job("a")
@@ -197,7 +198,9 @@ async def test_each_refused_ticket_has_its_code_and_earns_nothing(
             assert credit.tickets_accepted == 1
             replay = dataclasses.replace(payment, job_id="b")
             credit, error = await second.refused(replay)
-            assert credit.credit == 0 and error.code == "ticket_nonce_replayed"
+            assert credit.credit == 0 and error.code == "invalid_ticket_params"
+            credit, error = await first.refused(payment)
+            assert credit.tickets_accepted == 0 and error.code == "ticket_nonce_replayed"
         assert orch.stats.ev_received == credit_of(accepted)
 
 

@@ -417,3 +417,30 @@ def test_recipient_through_small_ledger() -> None:
     params = _issue(recipient, sender, win_prob=1)
     assert recipient.receive(sender.pay("j", params, 600), BLOCK).accepted == 600
     _refused(recipient.receive(sender.pay("j", params, 1), BLOCK), ErrorCode.TICKET_NONCE_REPLAYED)
+
+
+def test_parameters_pay_only_for_the_job_they_were_issued_for() -> None:
+    """Spec 8.1 and check 3 of 8.4: another job's (or info's) parameters earn nothing,
+    and the MAC covers every field but the rand hash, which check 4 catches."""
+    recipient = _recipient()
+    sender = TicketSender(SENDER_KEY)
+    mine, other = _issue(recipient, sender), _issue(recipient, sender, salt=bytes(16))
+    job = {mine.seed}
+    assert recipient.receive(sender.pay("j", mine, 1), BLOCK, job_seeds=job).accepted == 1
+    receipt = recipient.receive(sender.pay("j", other, 1), BLOCK, job_seeds=job)
+    _refused(receipt, ErrorCode.INVALID_TICKET_PARAMS)
+    assert "this job" in receipt.error.message  # type: ignore[union-attr]
+    changed = {
+        "face_value": FACE + 1,
+        "win_prob": WIN_PROB + 1,
+        "expiration_block": BLOCK + 41,
+        "creation_round": 1,
+        "creation_round_block_hash": b"\x01" * 32,
+    }
+    for name, value in changed.items():
+        tampered = dataclasses.replace(mine, **{name: value})
+        receipt = recipient.receive(sender.pay("j", tampered, 1), BLOCK, job_seeds=job)
+        _refused(receipt, ErrorCode.INVALID_TICKET_PARAMS)
+    tampered = dataclasses.replace(mine, recipient_rand_hash=bytes(32))
+    receipt = recipient.receive(sender.pay("j", tampered, 1), BLOCK, job_seeds=job)
+    _refused(receipt, ErrorCode.TICKET_RAND_MISMATCH)
