@@ -280,7 +280,12 @@ async def fallback(ctx: CaseContext) -> Info:
     return Info("made with taesd" if method in (None, "taesd") else f"fell back to {method}")
 
 
-@cases.case("J5-video-result", "J5", title="a video result carries num_frames PNG frames in order")
+@cases.case(
+    "J5-video-result",
+    "J5",
+    "V2",
+    title="a video result carries num_frames PNG frames in order (no result_frame unasked)",
+)
 async def video(ctx: CaseContext) -> str:
     from protocol.messages import ImageToVideoParams
 
@@ -292,7 +297,8 @@ async def video(ctx: CaseContext) -> str:
     request = JobRequest("j5", "image-to-video", cap.model_id, params, preview_every=2)
     accepted = await ctx.start(wire, request)
     f = cap.price_per_pixel_step * 64 * 64 * 2
-    await wire.send(ctx.pay("j5", accepted.ticket_params, ctx.tickets_for(accepted, f, 2, 0)))
+    count = max(1, ctx.tickets_for(accepted, f, 2, accepted.credit))
+    await wire.send(ctx.pay("j5", accepted.ticket_params, count))
     seen = await wire.recv_until(job_ended, timeout=ctx.options.timeout * 4)
     result = seen[-1]
     check(isinstance(result, Result), f"the job ended with {result.TYPE}")
@@ -302,3 +308,44 @@ async def video(ctx: CaseContext) -> str:
     for frame in result.frames:
         check(png_size(frame.image) == (64, 64), "a frame is not a 64x64 PNG")
     return f"{len(result.frames)} frames"
+
+
+def video_request(job_id: str, model_id: str) -> JobRequest:
+    from protocol.messages import ImageToVideoParams
+
+    params = ImageToVideoParams(
+        image=tiny_png(), width=64, height=64, fps=3, num_inference_steps=2, num_frames=2, seed=3
+    )
+    return JobRequest(job_id, "image-to-video", model_id, params, preview_every=2)
+
+
+@cases.case(
+    "J9-video-frames-streamed-in-order",
+    "J9",
+    "V2",
+    title="a broadcaster that lists result_frames gets each frame ahead of the result, in order",
+)
+async def streamed_video(ctx: CaseContext) -> str:
+    from protocol.messages import ResultFrame
+
+    cap = offer(ctx, "image-to-video")
+    # V2: a name the node does not know is ignored, not refused.
+    wire, _ = await ctx.ready(features=("result_frames", "no-such-feature-v0"))
+    request = video_request("j9", cap.model_id)
+    accepted = await ctx.start(wire, request)
+    f = cap.price_per_pixel_step * 64 * 64 * 2
+    count = max(1, ctx.tickets_for(accepted, f, 2, accepted.credit))
+    await wire.send(ctx.pay("j9", accepted.ticket_params, count))
+    seen = await wire.recv_until(job_ended, timeout=ctx.options.timeout * 4)
+    result = seen[-1]
+    check(isinstance(result, Result), f"the job ended with {result.TYPE}")
+    assert isinstance(result, Result)
+    frames = [m for m in seen if isinstance(m, ResultFrame)]
+    check(
+        [m.index for m in frames] == [0, 1],
+        f"result_frame indexes {[m.index for m in frames]}, not [0, 1]",
+    )
+    check(not result.frames and result.streamed_frames == 2, "the result must count 2 streamed")
+    for message in frames:
+        check(png_size(message.frame.image) == (64, 64), "a frame is not a 64x64 PNG")
+    return "2 frames streamed; an unknown feature name was ignored"

@@ -88,10 +88,12 @@ class CaseContext:
         self._wires.append(wire)
         return wire
 
-    async def ready(self, sender: TicketSender | None = None) -> tuple[Wire, Info]:
-        """A connection past hello/info."""
+    async def ready(
+        self, sender: TicketSender | None = None, features: tuple[str, ...] = ()
+    ) -> tuple[Wire, Info]:
+        """A connection past hello/info; `features` go in the hello (spec 12.1)."""
         wire = await self.connect(sender)
-        return wire, await wire.hello()
+        return wire, await wire.hello(features)
 
     async def cleanup(self) -> None:
         """Cancel and drain any job still running, then close every connection. A job whose

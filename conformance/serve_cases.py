@@ -66,7 +66,7 @@ async def honest(job: ServedJob, options: Any) -> None:
 def judge_exposure(r: JobRecord, options: Any) -> Judgement:
     worst, at = Fraction(0), None
     for p in r.payments:
-        paid = sum((q.ev for q in r.payments if q.at <= p.at), Fraction(0))
+        paid = r.carried + sum((q.ev for q in r.payments if q.at <= p.at), Fraction(0))
         ahead = paid - p.delivered * r.f
         bound = (r.window + r.lead) * r.f + p.ticket_ev
         if ahead - bound > worst or at is None:
@@ -113,6 +113,20 @@ def judge_total(r: JobRecord, options: Any) -> Judgement:
 )
 async def total(job: ServedJob, options: Any) -> None:
     await honest(job, options)
+
+
+@serve_case(
+    "C8-carried-credit-counted-as-paid",
+    "C8",
+    title="a quote that carries all but one step's fee (7.5): B pays only the rest",
+    judge=judge_total,
+)
+async def carried(job: ServedJob, options: Any) -> None:
+    r = job.record
+    await job.accept(credit=r.fee - r.f)
+    await job.steps(1, r.steps)
+    await job.finish()
+    await job.observe(options.observe)
 
 
 # ------------------------------------------------------------ quotes to refuse

@@ -82,6 +82,8 @@ class JobRecord:
     marks: dict[str, Any] = field(default_factory=dict)
     """What a case's script noted for its judge (when it refreshed, what came meanwhile)."""
     ended: bool = False
+    carried: Fraction = Fraction(0)
+    """Credit the quote said the job starts with (`accepted.credit`, spec 7.5)."""
     _changed: anyio.Event = field(default_factory=anyio.Event)
 
     @property
@@ -98,7 +100,8 @@ class JobRecord:
 
     @property
     def paid(self) -> Fraction:
-        return sum((p.ev for p in self.payments), Fraction(0))
+        """EV credited to the job: what it carried in, and every payment's."""
+        return self.carried + sum((p.ev for p in self.payments), Fraction(0))
 
     @property
     def covered(self) -> int:
@@ -191,8 +194,10 @@ class ServedJob:
         fee_delta: Fraction = Fraction(0),
         pixels_factor: int = 1,
         params: TicketParams | None = None,
+        credit: Fraction = Fraction(0),
     ) -> JobAccepted:
         r = self.record
+        r.carried = credit
         price = self.price if price is None else price
         pixels = r.pixels * pixels_factor
         quote = JobAccepted(
@@ -204,6 +209,7 @@ class ServedJob:
             window_steps=r.window,
             seed=r.request.params.seed if r.request.params.seed is not None else 42,
             ticket_params=params or self.issue(self.window_fee, "quote"),
+            credit=credit,
         )
         self.quote = quote
         await self.send(quote)

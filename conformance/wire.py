@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from fractions import Fraction
 from typing import TypeVar
 
 import anyio
@@ -20,7 +21,7 @@ from conformance.verdicts import CaseFailed, check
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection, State
 from protocol.errors import ProtocolError
-from protocol.messages import Error, Hello, Info, Message, Role
+from protocol.messages import Credit, Error, Hello, Info, JobAccepted, Message, Role
 from protocol.sender import TicketSender
 
 M = TypeVar("M", bound=Message)
@@ -43,6 +44,9 @@ class Wire:
         self.timeout = timeout
         self.frames: list[bytes] = []
         """Every binary frame the orchestrator sent, in order."""
+        self.credited = Fraction(0)
+        """The current job's credit as the orchestrator last stated it: `accepted.credit`
+        (carried from the sender's balance, spec 7.5), then each `credit.credit`."""
 
     @classmethod
     async def open(cls, url: str, sender: TicketSender, timeout: float) -> Wire:
@@ -88,11 +92,14 @@ class Wire:
         if isinstance(frame, str):
             raise CaseFailed("S6: the orchestrator sent a text frame")
         try:
-            return self.conn.receive(frame)
+            message = self.conn.receive(frame)
         except ProtocolError as err:
             raise CaseFailed(
                 f"S6: the orchestrator sent a frame a broadcaster refuses: {err}"
             ) from None
+        if isinstance(message, JobAccepted | Credit):
+            self.credited = message.credit
+        return message
 
     async def recv_until(
         self, wanted: Callable[[Message], bool], timeout: float | None = None
@@ -119,8 +126,11 @@ class Wire:
         check(isinstance(message, kind), f"expected {kind.TYPE}, got {_show(message)}")
         return message  # type: ignore[return-value]
 
-    async def hello(self) -> Info:
-        await self.send(Hello(sender=self.sender.address_bytes, agent="stepstream-conformance"))
+    async def hello(self, features: tuple[str, ...] = ()) -> Info:
+        hello = Hello(
+            sender=self.sender.address_bytes, agent="stepstream-conformance", features=features
+        )
+        await self.send(hello)
         return await self.expect(Info)
 
     async def expect_fatal(self, code: str, timeout: float | None = None) -> Error:

@@ -8,6 +8,7 @@ job machine each one runs, and these subclasses break one rule each.
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 from typing import Any
 
 import anyio
@@ -139,6 +140,16 @@ class PaysTwoWindowsAhead(BroadcasterJob):
         out = super()._accepted(quote, now)
         if self.schedule is not None:
             self.schedule.lead_steps = 2 * self.schedule.window_steps
+        return out
+
+
+class IgnoresCarriedCredit(BroadcasterJob):
+    """Pays as though `accepted.credit` were 0 (breaks C8)."""
+
+    def _accepted(self, quote: JobAccepted, now: float) -> list[JobOutput]:
+        out = super()._accepted(quote, now)
+        if self.schedule is not None:
+            self.schedule.paid = Fraction(0)
         return out
 
 

@@ -29,6 +29,7 @@ from protocol.messages import (
     Cancelled,
     Capability,
     Credit,
+    ImageToVideoParams,
     JobAccepted,
     JobRequest,
     Latents,
@@ -234,28 +235,44 @@ def test_credit_carried_from_earlier_jobs_counts_as_paid() -> None:
     assert job.paid_here == job.schedule.paid - STEP_FEE * 4  # type: ignore[union-attr]
 
 
+def video_job() -> BroadcasterJob:
+    """A two-frame 8x8 video job, quoted, that listed the feature result_frames."""
+    video = JobRequest(
+        job_id="j",
+        pipeline="image-to-video",
+        model_id="m",
+        params=ImageToVideoParams(
+            image=png(8, 8), width=8, height=8, num_frames=2, num_inference_steps=STEPS
+        ),
+        preview_every=EVERY,
+    )
+    cap = Capability("image-to-video", "m", True, 1, 0, PRICE)
+    job = BroadcasterJob(video, cap, ORCH, pixels_per_step=PIXELS, now=0.0)
+    job.on_message(dataclasses.replace(quote(), job_id="j"), 1.0)
+    return job
+
+
 def test_streamed_frames_must_come_in_order_and_all() -> None:
-    frame = ResultImage(image=b"png", format="png", width=8, height=8, seed=7)
-    job = new_job()
-    job.on_message(quote(), 1.0)
-    for i in range(2):
-        assert job.on_message(ResultFrame(job_id="j", index=i, frame=frame), 2.0) == []
+    """Spec J9 and 9.4: frames ahead of the result, in order; anything else fails J7."""
+    frame = ResultImage(image=png(8, 8), format="png", width=8, height=8, seed=7)
     result = Result(
         job_id="j", images=(), steps=STEPS, pixel_steps=1, fee=STEP_FEE * STEPS, streamed_frames=2
     )
+    job = video_job()
+    for i in range(2):
+        assert job.on_message(ResultFrame(job_id="j", index=i, frame=frame), 2.0) == []
     done = events(job.on_message(result, 3.0))[0]
     assert isinstance(done, JobResult) and done.frames == (frame, frame)
-    # Out of order: refused.
-    job = new_job()
-    job.on_message(quote(), 1.0)
+    # Out of order: the result check fails, and B ends the connection.
+    job = video_job()
     out = job.on_message(ResultFrame(job_id="j", index=1, frame=frame), 2.0)
-    assert isinstance(out[0], SendCancel) and events(out)[0].code == "internal_error"
+    assert any(isinstance(o, EndConnection) for o in out)
+    assert events(out)[0].code == "invalid_result"
     # A count that disagrees: an error, not a result.
-    job = new_job()
-    job.on_message(quote(), 1.0)
+    job = video_job()
     job.on_message(ResultFrame(job_id="j", index=0, frame=frame), 2.0)
     bad = events(job.on_message(result, 3.0))[0]
-    assert isinstance(bad, JobError) and "2 frames" in bad.message
+    assert isinstance(bad, JobError) and bad.code == "invalid_result" and "2 frames" in bad.message
 
 
 def test_status_is_reported() -> None:

@@ -220,7 +220,12 @@ PLANTED_BROADCASTERS: list[
     tuple[type[BroadcasterJob] | None, type[BroadcasterSession] | None, set[str]]
 ] = [
     (faults.PaysTwoWindowsAhead, None, {"C3-paid-ahead-within-the-bound"}),
-    (faults.PaysOneTicketTooMany, None, {"C4-paid-the-fee-at-the-end"}),
+    (
+        faults.PaysOneTicketTooMany,
+        None,
+        {"C4-paid-the-fee-at-the-end", "C8-carried-credit-counted-as-paid"},
+    ),
+    (faults.IgnoresCarriedCredit, None, {"C8-carried-credit-counted-as-paid"}),
     (faults.PaysWhenAsked, None, {"C6-awaiting-payment-for-paid-steps"}),
     (faults.SkipsTheFeeCheck, None, {"P3-fee-one-wei-off"}),
     (
