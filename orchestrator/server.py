@@ -41,6 +41,7 @@ from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection, State
 from protocol.credit import ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.job_context import current_job_id
 from protocol.messages import (
     FEATURE_RESULT_FRAMES,
     FEATURE_STATUS,
@@ -78,7 +79,6 @@ from settlement.eth import ChainError
 from settlement.redeemer import Redeemer
 from settlement.sender_monitor import SenderMonitor
 from settlement.winners import WinnerQueue
-from stepstream.logs import current_job_id
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import torch
 
 from pipelines.devices import allocated_bytes, tensor_bytes
 from pipelines.errors import ModelNotFound
-from pipelines.job_pipeline import TokenizerPool
 from pipelines.tiny import TINY_SD, TINY_SDXL, build_tiny_sd, build_tiny_sdxl, quiet_diffusers
 from pipelines.tiny_shapes import TAESD_SUBDIR, TINY_SHAPES, WEIGHTS_DIR, load_latent_rgb
 from pipelines.tiny_svd import TINY_SVD, build_tiny_svd
+from pipelines.tokenizers import TokenizerPool
 
 __all__ = [
     "LoadedModel",

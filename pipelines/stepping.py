@@ -9,12 +9,23 @@ from here: it leaves the pipeline call at once, for every pipeline alike.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from pipelines.text_to_image import StepHooks
+
+class StepHooks(Protocol):
+    """What the job calls between steps; the orchestrator's credit gate and preview tap."""
+
+    def wait_for_step(self, step: int) -> None:
+        """Block until step `step` (1-based) may execute; raise to abort the job."""
+
+    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
+        """Step `step` (1-based) has completed; may raise to cancel.
+
+        `latents` is the pipeline's live tensor: read or copy it, never modify it.
+        """
+
 
 Callback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 

@@ -9,14 +9,14 @@ run_text_to_image unchanged and the GPU stops within one step.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipelines.errors import InvalidRequest
 from pipelines.job_pipeline import job_pipeline
 from pipelines.resume import ResumePoint, resuming_scheduler
-from pipelines.stepping import generators, step_callback
+from pipelines.stepping import StepHooks, generators, step_callback
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -40,19 +40,6 @@ MAX_PIXELS_PER_JOB = 4 * 1024 * 1024
 """Four 1024x1024 images: one batch that fits a 24 GB GPU with SDXL in fp16."""
 PIXEL_MULTIPLE = 8
 """The VAE scale factor: latents are (height/8, width/8)."""
-
-
-class StepHooks(Protocol):
-    """What the job calls between steps; the orchestrator's credit gate and preview tap."""
-
-    def wait_for_step(self, step: int) -> None:
-        """Block until step `step` (1-based) may execute; raise to abort the job."""
-
-    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
-        """Step `step` (1-based) has completed; may raise to cancel.
-
-        `latents` is the pipeline's live tensor: read or copy it, never modify it.
-        """
 
 
 def executed_steps(params: TextToImageParams, model: LoadedModel | None = None) -> int:

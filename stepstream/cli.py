@@ -15,13 +15,13 @@ from typing import Any
 
 import anyio
 
-from conformance.cli import add_conformance_parser
 from orchestrator.connection_limits import (
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
 )
 from runner.args import add_runner_parser
+from stepstream.conformance_command import add_conformance_parser
 from stepstream.logs import configure_logging
 
 EXIT_CODES = """exit codes:
@@ -431,7 +431,7 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_failover_bench(args)
     if args.command == "conformance":
-        from conformance.cli import run_conformance
+        from stepstream.conformance_command import run_conformance
 
         return run_conformance(args)
     if args.command == "bench":

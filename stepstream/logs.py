@@ -8,10 +8,9 @@ through each call.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 
-current_job_id: contextvars.ContextVar[str] = contextvars.ContextVar("job_id", default="-")
+from protocol.job_context import current_job_id
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s job=%(job_id)s: %(message)s"
 

@@ -37,6 +37,7 @@ from broadcaster.gateway.video import encode_mp4
 from broadcaster.image_files import encode_image, parameters_text
 from broadcaster.job_control import JobControl
 from protocol.errors import ErrorCode
+from protocol.job_context import current_job_id
 from protocol.job_events import (
     Accepted,
     Event,
@@ -48,7 +49,6 @@ from protocol.job_events import (
     ProgressUpdate,
 )
 from protocol.messages import JobParams
-from stepstream.logs import current_job_id
 
 log = logging.getLogger(__name__)
 
