@@ -25,6 +25,7 @@ from pipelines.loader import LoadedModel
 from pipelines.previews import StepPreviews
 from pipelines.resume import latents_to_bytes, resume_scheduler_name
 from protocol.errors import ErrorCode
+from protocol.fields import UINT32_MAX
 from protocol.messages import MAX_LATENTS_BYTES, Latents, ResultImage
 from protocol.runner import (
     Awaiting,
@@ -187,8 +188,12 @@ class RunnerJob:
         anyio.from_thread.run(self._send, message)
 
     def wait_for_step(self, step: int) -> None:
-        """Block until `step` is granted (announcing the wait once), or raise Stopped."""
-        announced = False
+        """Block until `step` is granted (announcing the wait once), or raise Stopped.
+
+        `begin` says how long the step waited for its grant once it was ready (0
+        when the grant was there already): the time money held up the device.
+        """
+        ready, announced = time.perf_counter(), False
         while True:
             with self._cond:
                 if self.gate.stop is not None:
@@ -200,9 +205,10 @@ class RunnerJob:
                     continue
             self._emit(Awaiting(self.request.job_id, step))
             announced = True
+        waited = round((time.perf_counter() - ready) * 1e6) if announced else 0
         if self._faults is not None:
             self._faults.before_step(step)
-        self._emit(Begin(self.request.job_id, step))
+        self._emit(Begin(self.request.job_id, step, min(waited, UINT32_MAX)))
 
     def on_step_end(self, step: int, latents: torch.Tensor) -> None:
         req = self.request
