@@ -348,11 +348,19 @@ class StepPreviews:
 
     def message(self, step: int, latents: torch.Tensor) -> Preview:
         """The preview of `latents` after `step`."""
+        return self.render(step, self.scaled(step, latents))
+
+    def scaled(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents after `step` at unit variance: a new tensor (on a GPU, queued work,
+        no sync), so `render` may run on another thread while the steps go on."""
+        return latents.detach() / self._scales[min(step, len(self._scales) - 1)]
+
+    def render(self, step: int, scaled: torch.Tensor) -> Preview:
+        """The preview message of latents `scaled` gave: decode, downscale, encode."""
         req = self.request
-        scale = self._scales[min(step, len(self._scales) - 1)]
         shown = render_preview(
             self.model,
-            latents / scale,
+            scaled,
             req.preview_method,
             req.preview_format,
             PREVIEW_MAX_SIDE,

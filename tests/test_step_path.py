@@ -4,17 +4,40 @@ money ever holds the device (the runner's grant wait, as the orchestrator report
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import pytest
+from websockets.asyncio.client import connect
 
+import runner.job as runner_job
 from broadcaster.session import BroadcasterSession
+from pipelines import previews
+from pipelines.loader import LoadedModel
 from pipelines.tiny import TINY_SD
+from protocol import codec
 from protocol.job_events import JobResult
-from protocol.messages import TextToImageParams
+from protocol.messages import JobRequest, Latents, Preview, TextToImageParams
+from protocol.runner import (
+    AUTH_HEADER,
+    FROM_RUNNER,
+    Begin,
+    Done,
+    Failed,
+    Output,
+    Ready,
+    Run,
+    RunnerPreview,
+    decode,
+    encode,
+)
 from stepstream.bench import GrantWait, grant_wait, metrics_url
 from stepstream.processes import ChildServer, model_entry, orchestrator_process
+from tests.test_orchestrator_job import new_job, pay, to_b
+from tests.test_runners import TOKEN, next_message, runner_in_process
 
 pytestmark = pytest.mark.anyio
 BOUND = 120.0
@@ -57,3 +80,90 @@ async def test_grant_wait_is_reported_and_zero_once_credit_is_ahead(
     # A window of 1 has no lead: each later step waits for the payment of the one before.
     behind = await waited_in_one_job(orchestrator.url, steps=3, every=1)
     assert behind.later_steps == 2 and behind.later > 0
+
+
+# ------------------------------------------------- the runner's step thread, in process
+
+
+def job_request(job_id: str, steps: int, every: int, want_latents: bool = False) -> JobRequest:
+    params = TextToImageParams(
+        prompt="a lighthouse", width=32, height=32, num_inference_steps=steps, seed=5
+    )
+    return JobRequest(
+        job_id=job_id,
+        pipeline="text-to-image",
+        model_id=TINY_SD,
+        params=params,
+        preview_every=every,
+        want_latents=want_latents,
+    )
+
+
+@dataclass
+class Spy:
+    """Calls of a real function, and the threads they ran on."""
+
+    threads: list[str] = field(default_factory=list)
+
+    def wrap(self, real: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            self.threads.append(threading.current_thread().name)
+            return real(*args, **kwargs)
+
+        return spy
+
+
+async def run_paid_ahead(url: str, req: JobRequest) -> list[Any]:
+    """Run `req` with every step granted up front; the frames the runner sent, in order."""
+    async with connect(url, additional_headers={AUTH_HEADER: f"Bearer {TOKEN}"}) as ws:
+        assert isinstance(await next_message(ws), Ready)
+        await ws.send(encode(Run(req, 5, granted=req.params.num_inference_steps)))
+        seen: list[Any] = []
+        while not isinstance(message := await next_message(ws), Output):
+            assert not isinstance(message, Failed), message
+            seen.append(message)
+        return seen
+
+
+@pytest.mark.parametrize("want_latents", [False, True])
+async def test_a_step_without_a_preview_does_no_encode_and_no_copy(
+    tiny_model: LoadedModel, monkeypatch: pytest.MonkeyPatch, want_latents: bool
+) -> None:
+    render, copies = Spy(), Spy()
+    monkeypatch.setattr(previews, "render_preview", render.wrap(previews.render_preview))
+    monkeypatch.setattr(runner_job, "latents_later", copies.wrap(runner_job.latents_later))
+    req = job_request("s", steps=8, every=4, want_latents=want_latents)
+    async with runner_in_process(tiny_model) as url:
+        seen = await run_paid_ahead(url, req)
+    # Two previews (steps 4 and 8), each rendered on a preview worker, not the step thread.
+    assert len(render.threads) == 2
+    assert all(name.startswith("preview") for name in render.threads), render.threads
+    # The latents leave the device only when the job asked for them (every step, spec 15.3).
+    assert len(copies.threads) == (8 if want_latents else 0)
+    # The wire order is the step thread's: each preview before the `done` of its step.
+    kinds = [type(m).__name__ if not isinstance(m, RunnerPreview) else "preview" for m in seen]
+    window = ["Begin", "Done"] * 3 + ["Begin", "preview", "Done"]
+    assert kinds == window * 2
+    assert [m.preview.step for m in seen if isinstance(m, RunnerPreview)] == [4, 8]
+    assert all((m.latents is not None) == want_latents for m in seen if isinstance(m, Done))
+    assert all(m.waited_us == 0 for m in seen if isinstance(m, Begin))  # paid ahead
+
+
+def test_the_orchestrator_forwards_preview_and_latents_bytes_as_they_came() -> None:
+    """The runner-to-orchestrator hop carries bytes once: O decodes the runner's frame but
+    never the image or the latents in it, and hands the very same bytes to the broadcaster."""
+    job = new_job(want_latents=True)
+    job.start(0.0)
+    job.on_payment(pay(2), 0.0)
+    job.on_runner(Begin("j", 1), 0.0)
+    preview = Preview(job_id="j", step=1, image=b"RIFF" + bytes(999), format="webp", width=8,
+                      height=8)  # fmt: skip
+    latents = Latents(scheduler="EulerDiscreteScheduler", dtype="float32", shape=(1, 4, 4, 4),
+                      data=bytes(range(256)))  # fmt: skip
+    came = decode(encode(RunnerPreview(preview)), FROM_RUNNER)  # as O's runner client reads it
+    done = decode(encode(Done("j", 1, latents)), FROM_RUNNER)
+    [forwarded] = to_b(job.on_runner(came, 0.0))
+    [progress] = to_b(job.on_runner(done, 0.0))
+    assert forwarded.image is came.preview.image and progress.latents is done.latents
+    on_the_wire = codec.decode(codec.encode(forwarded))
+    assert isinstance(on_the_wire, Preview) and on_the_wire.image == preview.image
