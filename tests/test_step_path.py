@@ -17,6 +17,7 @@ import runner.job as runner_job
 from broadcaster.session import BroadcasterSession
 from pipelines import previews
 from pipelines.loader import LoadedModel
+from pipelines.schedule import fresh_scheduler, schedule
 from pipelines.tiny import TINY_SD
 from protocol import codec
 from protocol.job_events import JobResult
@@ -167,3 +168,23 @@ def test_the_orchestrator_forwards_preview_and_latents_bytes_as_they_came() -> N
     assert forwarded.image is came.preview.image and progress.latents is done.latents
     on_the_wire = codec.decode(codec.encode(forwarded))
     assert isinstance(on_the_wire, Preview) and on_the_wire.image == preview.image
+
+
+def test_the_schedule_is_worked_out_once_and_matches_the_scheduler(
+    tiny_model: LoadedModel,
+) -> None:
+    """Planning, pricing, previews and the job ask the scheduler once per step count, and
+    each job still gets a scheduler of its own in its initial state."""
+    scheduler = tiny_model.pipe.scheduler
+    for steps in (1, 7, 20):
+        probe = type(scheduler).from_config(scheduler.config)
+        probe.set_timesteps(steps, device="cpu")
+        plan = schedule(scheduler, steps)
+        assert plan is schedule(scheduler, steps)
+        assert plan.timesteps == len(probe.timesteps)
+        assert plan.sigmas == tuple(float(s) for s in probe.sigmas)
+    a, b = fresh_scheduler(scheduler), fresh_scheduler(scheduler)
+    assert a is not b and a is not scheduler and type(a) is type(scheduler)
+    assert a.step_index is None and dict(a.config) == dict(scheduler.config)
+    a.set_timesteps(5, device="cpu")
+    assert len(b.timesteps) != 5 or b.num_inference_steps is None  # b is untouched
