@@ -35,7 +35,18 @@ from protocol.runner import (
     decode,
     encode,
 )
-from stepstream.bench import GrantWait, grant_wait, metrics_url
+from stepstream.bench import (
+    Case,
+    CaseResult,
+    DirectRun,
+    GrantWait,
+    NetworkRun,
+    grant_wait,
+    metrics_url,
+    per_window,
+    report_case,
+    table,
+)
 from stepstream.processes import ChildServer, model_entry, orchestrator_process
 from tests.test_orchestrator_job import new_job, pay, to_b
 from tests.test_runners import TOKEN, next_message, runner_in_process
@@ -188,3 +199,23 @@ def test_the_schedule_is_worked_out_once_and_matches_the_scheduler(
     assert a.step_index is None and dict(a.config) == dict(scheduler.config)
     a.set_timesteps(5, device="cpu")
     assert len(b.timesteps) != 5 or b.num_inference_steps is None  # b is untouched
+
+
+def test_the_bench_reports_a_window_s_cost_and_runs_without_a_later_wait() -> None:
+    def case(every: int, direct: float, network: float, later: int) -> CaseResult:
+        runs = CaseResult(Case(64, every, 20))
+        for _ in range(3):
+            runs.direct.append(DirectRun(direct, 0.01))
+            waited = GrantWait(0.002, 0.001 * later, later)
+            runs.network.append(NetworkRun(network, 0.005, 0.045, every, waited))
+        return runs
+
+    results = [case(4, 0.400, 0.430, 0), case(1, 0.400, 0.505, 19)]
+    # 15 more windows cost 75 ms more: 5 ms a window.
+    assert per_window(results) == pytest.approx(0.005)
+    assert results[0].runs_without_later_wait == 3 and results[1].runs_without_later_wait == 0
+    assert GrantWait(1.0, 2.0, 3) - GrantWait(0.5, 2.0, 3) == GrantWait(0.5, 0.0, 0)
+    text = table(results)
+    assert "| 64x64, window 4 | 400.0 ms | 430.0 ms | 1.07x | 30.0 ms | 45.0 ms (35.0 ms)" in text
+    assert "| 3/3 |" in text and "| 0/3 |" in text
+    assert "minus its 4 steps 5.0 ms" in report_case(results[0])
