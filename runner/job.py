@@ -267,11 +267,13 @@ class RunnerJob:
             self._faults.after_step(step, self._wait_until_stopped, offset, step == self._total)
 
     def _render(self, step: int, shown: torch.Tensor) -> Message:
-        """On a worker: the preview of `shown`, encoded."""
+        """On a worker: the preview of `shown`, encoded (as the step thread would have, in
+        inference mode, which is per thread)."""
         assert self._previews is not None
         self._preview_since = time.monotonic()
         try:
-            return RunnerPreview(self._previews.render(step, shown))
+            with torch.inference_mode():
+                return RunnerPreview(self._previews.render(step, shown))
         finally:
             self._preview_since = None
 
