@@ -33,7 +33,7 @@ from protocol.orchestrator_job import (
     ToBroadcaster,
     ToRunner,
 )
-from protocol.runner import Done
+from protocol.runner import Begin, Done
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ class JobHost(Protocol):
 
     async def sent(self, job: OrchestratorJob, message: Message) -> None:
         """`message` went to the broadcaster (metrics, observers)."""
+
+    def grant_waited(self, job: OrchestratorJob, step: int, seconds: float) -> None:
+        """The runner's step `step` waited `seconds` for its grant once it was ready."""
 
 
 class JobDriver:
@@ -140,6 +143,8 @@ class JobDriver:
             return job.on_disconnect(item.why, now)
         if isinstance(item, RunnerLost):
             return job.on_runner_lost(f"{item} during the job")
+        if isinstance(item, Begin) and item.waited_us:
+            self.host.grant_waited(job, item.step, item.waited_us / 1e6)
         refresh = isinstance(item, Done) and job.phase is Phase.RUNNING
         if refresh and job.params_expiring(await self.host.current_block()):
             job.use_params(await self.host.refreshed_params(job))

@@ -46,6 +46,18 @@ class OrchestratorMetrics:
             buckets=RATE_BUCKETS,
             registry=r,
         )
+        self.grant_wait = Counter(
+            "stepstream_orchestrator_grant_wait_seconds",
+            "Seconds runner steps, ready to run, waited for their grant (step: first or later)",
+            [*job, "step"],
+            registry=r,
+        )
+        self.grant_waits = Counter(
+            "stepstream_orchestrator_grant_waits",
+            "Runner steps that waited for their grant (step: first or later)",
+            [*job, "step"],
+            registry=r,
+        )
         self.preview_bytes = Counter(
             "stepstream_orchestrator_preview_bytes", "Bytes of previews sent", job, registry=r
         )

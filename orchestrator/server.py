@@ -565,6 +565,12 @@ class _Host:
         self.orch.balances.put(self.sender, outcome.unspent, time.monotonic())
         self.orch._observe(job.request, outcome, time.monotonic() - self.started)
 
+    def grant_waited(self, job: OrchestratorJob, step: int, seconds: float) -> None:
+        req, m = job.request, self.orch.metrics
+        labels = (req.pipeline, req.model_id, "first" if step == 1 else "later")
+        m.grant_wait.labels(*labels).inc(seconds)
+        m.grant_waits.labels(*labels).inc()
+
     async def sent(self, job: OrchestratorJob, message: Message) -> None:
         if isinstance(message, Preview):
             req = job.request

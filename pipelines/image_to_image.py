@@ -19,6 +19,7 @@ import torch
 from pipelines.job_pipeline import job_pipeline
 from pipelines.requests import OutputShape, decode_image, output_shape
 from pipelines.resume import ResumePoint, resuming_scheduler
+from pipelines.schedule import schedule
 from pipelines.stepping import generators, step_callback
 from pipelines.tiny import quiet_diffusers
 
@@ -57,19 +58,14 @@ def img2img_steps(params: ImageToImageParams, model: LoadedModel | None = None) 
     kept = min(int(n * params.strength), n)
     if model is None:
         return kept
-    scheduler = model.pipe.scheduler
-    probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(n, device="cpu")
-    start = max(n - kept, 0) * getattr(probe, "order", 1)
-    return len(probe.timesteps[start:])
+    plan = schedule(model.pipe.scheduler, n)
+    return max(0, plan.timesteps - max(n - kept, 0) * plan.order)
 
 
 def img2img_schedule_offset(params: ImageToImageParams, model: LoadedModel) -> int:
     """Steps of the full schedule that strength skips: where the executed tail starts."""
-    scheduler = model.pipe.scheduler
-    probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(params.num_inference_steps, device="cpu")
-    return len(probe.timesteps) - img2img_steps(params, model)
+    total = schedule(model.pipe.scheduler, params.num_inference_steps).timesteps
+    return total - img2img_steps(params, model)
 
 
 def run_image_to_image(

@@ -14,6 +14,7 @@ import torch
 from pipelines.job_pipeline import job_pipeline
 from pipelines.requests import decode_image, output_shape
 from pipelines.resume import ResumePoint, resuming_scheduler
+from pipelines.schedule import schedule
 from pipelines.stepping import generators, step_callback
 
 if TYPE_CHECKING:
@@ -31,10 +32,7 @@ def video_steps(params: ImageToVideoParams, model: LoadedModel | None = None) ->
     """Steps executed: what the model's scheduler makes of num_inference_steps."""
     if model is None:
         return params.num_inference_steps
-    scheduler = model.pipe.scheduler
-    probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(params.num_inference_steps, device="cpu")
-    return len(probe.timesteps)
+    return schedule(model.pipe.scheduler, params.num_inference_steps).timesteps
 
 
 def run_image_to_video(

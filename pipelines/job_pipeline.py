@@ -17,6 +17,8 @@ import copy
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pipelines.schedule import fresh_scheduler
+
 if TYPE_CHECKING:
     from pipelines.loader import LoadedModel
 
@@ -30,7 +32,7 @@ def job_pipeline(model: LoadedModel, scheduler: Any | None = None) -> Iterator[A
     with model.tokenizers.borrowed() as tokenizers:
         job = copy.copy(pipe)
         base = pipe.scheduler
-        job.scheduler = scheduler or type(base).from_config(base.config)
+        job.scheduler = scheduler or fresh_scheduler(base)
         for name, tokenizer in tokenizers.items():
             setattr(job, name, tokenizer)
         yield job

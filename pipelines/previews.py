@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.schedule import schedule
 from protocol.messages import JobRequest, Preview
 
 if TYPE_CHECKING:
@@ -312,13 +313,10 @@ def noise_scales(model: LoadedModel, num_inference_steps: int) -> list[float]:
     schedulers (DDIM, PNDM) already give, and is 1 at the end. Schedulers
     without sigmas need no scaling.
     """
-    scheduler = model.pipe.scheduler
-    probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(num_inference_steps, device="cpu")
-    sigmas = getattr(probe, "sigmas", None)
-    if sigmas is None:
-        return [1.0] * (len(probe.timesteps) + 1)
-    return [math.sqrt(float(s) ** 2 + 1.0) for s in sigmas]
+    plan = schedule(model.pipe.scheduler, num_inference_steps)
+    if plan.sigmas is None:
+        return [1.0] * (plan.timesteps + 1)
+    return [math.sqrt(s**2 + 1.0) for s in plan.sigmas]
 
 
 PREVIEW_MAX_SIDE = 512
@@ -348,11 +346,19 @@ class StepPreviews:
 
     def message(self, step: int, latents: torch.Tensor) -> Preview:
         """The preview of `latents` after `step`."""
+        return self.render(step, self.scaled(step, latents))
+
+    def scaled(self, step: int, latents: torch.Tensor) -> torch.Tensor:
+        """The latents after `step` at unit variance: a new tensor (on a GPU, queued work,
+        no sync), so `render` may run on another thread while the steps go on."""
+        return latents.detach() / self._scales[min(step, len(self._scales) - 1)]
+
+    def render(self, step: int, scaled: torch.Tensor) -> Preview:
+        """The preview message of latents `scaled` gave: decode, downscale, encode."""
         req = self.request
-        scale = self._scales[min(step, len(self._scales) - 1)]
         shown = render_preview(
             self.model,
-            latents / scale,
+            scaled,
             req.preview_method,
             req.preview_format,
             PREVIEW_MAX_SIDE,

@@ -12,6 +12,7 @@ ones that draw fresh noise each step.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,28 @@ def latents_to_bytes(latents: torch.Tensor) -> tuple[str, tuple[int, ...], bytes
     if dtype is None:
         raise ValueError(f"latents of dtype {tensor.dtype} cannot be sent")
     return dtype, tuple(tensor.shape), tensor.view(torch.uint8).numpy().tobytes()
+
+
+def latents_later(latents: torch.Tensor) -> Callable[[], tuple[str, tuple[int, ...], bytes]]:
+    """`latents_to_bytes` in two halves, so that a GPU step need not wait for the copy.
+
+    On a GPU the copy to (pinned) host memory is queued now without a device
+    sync, and the call returned waits for it; on the CPU the bytes are taken
+    now (one copy, as a snapshot would cost) and the call returns them.
+    """
+    if latents.device.type != "cuda":
+        ready = latents_to_bytes(latents)
+        return lambda: ready
+    host = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
+    host.copy_(latents.detach(), non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(latents.device))
+
+    def finish() -> tuple[str, tuple[int, ...], bytes]:
+        copied.synchronize()
+        return latents_to_bytes(host)
+
+    return finish
 
 
 def latents_from_bytes(dtype: str, shape: tuple[int, ...], data: bytes) -> torch.Tensor:

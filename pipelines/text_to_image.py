@@ -16,6 +16,7 @@ import torch
 from pipelines.errors import InvalidRequest
 from pipelines.job_pipeline import job_pipeline
 from pipelines.resume import ResumePoint, resuming_scheduler
+from pipelines.schedule import schedule
 from pipelines.stepping import StepHooks, generators, step_callback
 
 if TYPE_CHECKING:
@@ -51,10 +52,7 @@ def executed_steps(params: TextToImageParams, model: LoadedModel | None = None) 
     """
     if model is None:
         return params.num_inference_steps
-    scheduler = model.pipe.scheduler
-    probe = type(scheduler).from_config(scheduler.config)
-    probe.set_timesteps(params.num_inference_steps, device="cpu")
-    return len(probe.timesteps)
+    return schedule(model.pipe.scheduler, params.num_inference_steps).timesteps
 
 
 def validate_text_to_image(params: TextToImageParams) -> None:

@@ -18,7 +18,7 @@ import msgpack
 
 from protocol.codec import _struct_codec, _unpack
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.fields import Float, Items, JobId, ModelId, Name, Str, UInt32, UInt64
+from protocol.fields import Added, Float, Items, JobId, ModelId, Name, Str, UInt32, UInt64
 from protocol.messages import MAX_FRAMES, JobRequest, Latents, Preview, ResultImage
 
 RUNNER_PROTOCOL_VERSION = 2
@@ -98,11 +98,16 @@ class Awaiting:
 
 @dataclass(frozen=True)
 class Begin:
-    """Step `step` starts now; it was granted."""
+    """Step `step` starts now; it was granted.
+
+    `waited_us`: how long the step, ready to run, waited for its grant (0 when the
+    grant was already there), so that O can tell whether money ever held the device.
+    """
 
     TYPE: ClassVar[str] = "begin"
     job_id: JobId
     step: UInt32
+    waited_us: Annotated[UInt32, Added()] = 0
 
 
 @dataclass(frozen=True)

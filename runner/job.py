@@ -4,18 +4,25 @@ The runner never sees money: a step starts only when `StepGrant.admit` says
 it was granted, so a runner cannot run ahead of what the orchestrator has
 been paid for. The job exists (and takes grants and stops) from the moment
 its `run` arrives; the model work starts in the worker thread.
+
+That thread does the steps and little else: its frames go out through an
+outbox without waiting for the loop or the socket (runner/outbox.py), and a
+preview renders on a worker while the next steps run, so a step without a
+preview costs nothing beyond the model (and the latents copy a job asking for
+them needs, which on a GPU finishes off the step thread too).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import anyio
-import anyio.from_thread
 import torch
 from PIL import Image
 
@@ -23,8 +30,9 @@ from pipelines.dispatch import JobOutput, executed_steps, png_bytes, resume_poin
 from pipelines.errors import InvalidRequest
 from pipelines.loader import LoadedModel
 from pipelines.previews import StepPreviews
-from pipelines.resume import latents_to_bytes, resume_scheduler_name
+from pipelines.resume import latents_later, resume_scheduler_name
 from protocol.errors import ErrorCode
+from protocol.fields import UINT32_MAX
 from protocol.messages import MAX_LATENTS_BYTES, Latents, ResultImage
 from protocol.runner import (
     Awaiting,
@@ -41,6 +49,7 @@ from protocol.runner import (
     Working,
 )
 from runner.faults import Faults
+from runner.outbox import ConnectionLost, Outbox
 
 HEARTBEAT_SECONDS = 2.0
 """How often a job in a phase without steps says it is alive (spec PROTOCOL.md 9.6)."""
@@ -49,8 +58,13 @@ HEARTBEAT_AFTER = 0.5
 HEARTBEAT_TICK = 0.25
 
 
-class ConnectionLost(Exception):
-    """The orchestrator's connection closed: nobody is left to tell anything."""
+PREVIEW_THREADS = 2
+"""Workers that render previews (and finish latents copies) for all of a runner's jobs."""
+
+
+@functools.cache
+def _workers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(PREVIEW_THREADS, thread_name_prefix="preview")
 
 
 class Stopped(Exception):
@@ -84,6 +98,10 @@ class RunnerJob:
         self._phase: str | None = None
         """The phase without steps the job is in (heartbeats say it), or None."""
         self._phase_since = 0.0
+        self._outbox: Outbox | None = None
+        self._preview: Future[Message] | None = None
+        """The preview being rendered on a worker: at most one a job."""
+        self._preview_since: float | None = None
 
     # ------------------------------------------------- called from the loop
 
@@ -104,16 +122,24 @@ class RunnerJob:
         Phases without steps (decoding after the last step, encoding the output)
         send `working` every HEARTBEAT_SECONDS, so nobody takes a long decode for a
         dead runner. A video's frames go one message each, so no message holds them
-        all.
+        all. The step thread's frames go through the outbox, in order, sent by its
+        own task; the last ones follow once it is empty.
         """
+        outbox = self._outbox = Outbox(self._send, self._connection_lost)
         with contextlib.suppress(ConnectionLost):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(outbox.drain)
                 try:
-                    for message in await self._outcome():
+                    messages = await self._outcome()
+                    await outbox.close()
+                    for message in messages if not outbox.lost else ():
                         await self._send(message)
                 finally:
                     tg.cancel_scope.cancel()
+
+    def _connection_lost(self) -> None:
+        self.stop(Stop(self.request.job_id, ErrorCode.INTERNAL_ERROR.value, "connection lost"))
 
     async def _heartbeat(self) -> None:
         """`working` once a phase without steps has lasted HEARTBEAT_AFTER seconds, then
@@ -122,11 +148,17 @@ class RunnerJob:
         while True:
             await anyio.sleep(HEARTBEAT_TICK)  # a clock tick, not a synchronisation
             phase, since, now = self._phase, self._phase_since, time.monotonic()
+            if phase is None and self._preview_since is not None:
+                phase, since = "preview", self._preview_since  # a slow (video) preview
             if phase is None or now - since < HEARTBEAT_AFTER:
                 continue
             if now - sent_at >= HEARTBEAT_SECONDS:
                 sent_at = now
-                await self._send(Working(job_id, phase, int(HEARTBEAT_SECONDS * 2000)))
+                try:
+                    await self._send(Working(job_id, phase, int(HEARTBEAT_SECONDS * 2000)))
+                except ConnectionLost:
+                    self._connection_lost()
+                    return
 
     async def _outcome(self) -> list[Message]:
         job_id = self.request.job_id
@@ -146,7 +178,9 @@ class RunnerJob:
             images = [await anyio.to_thread.run_sync(self._encoded, im, i) for i, im in
                       enumerate(output.images)]  # fmt: skip
             return [Output(job_id, tuple(images))]
-        # One frame at a time: encode it, send it, let it go.
+        # One frame at a time: encode it, send it, let it go (after what the steps sent).
+        assert self._outbox is not None
+        await self._outbox.close()
         count = len(output.images)
         for index in range(count):
             frame = output.images[index]
@@ -177,18 +211,26 @@ class RunnerJob:
         self._previews = StepPreviews(model, req, total)
         if req.want_latents:
             self._resume_scheduler = resume_scheduler_name(model.pipe)
-        return run_job(model, params, self, self.seed, resume=resume)
+        output = run_job(model, params, self, self.seed, resume=resume)
+        self._settle_preview()
+        return output
 
     def _enter(self, phase: str | None) -> None:
         self._phase_since = time.monotonic()
         self._phase = phase
 
-    def _emit(self, message: Message) -> None:
-        anyio.from_thread.run(self._send, message)
+    def _emit(self, message: Message | Future[Message]) -> None:
+        """Queue a frame (or the future of one) for O and return at once."""
+        assert self._outbox is not None
+        self._outbox.post(message)
 
     def wait_for_step(self, step: int) -> None:
-        """Block until `step` is granted (announcing the wait once), or raise Stopped."""
-        announced = False
+        """Block until `step` is granted (announcing the wait once), or raise Stopped.
+
+        `begin` says how long the step waited for its grant once it was ready (0
+        when the grant was there already): the time money held up the device.
+        """
+        ready, announced = time.perf_counter(), False
         while True:
             with self._cond:
                 if self.gate.stop is not None:
@@ -200,33 +242,65 @@ class RunnerJob:
                     continue
             self._emit(Awaiting(self.request.job_id, step))
             announced = True
+        waited = round((time.perf_counter() - ready) * 1e6) if announced else 0
         if self._faults is not None:
             self._faults.before_step(step)
-        self._emit(Begin(self.request.job_id, step))
+        self._emit(Begin(self.request.job_id, step, min(waited, UINT32_MAX)))
 
     def on_step_end(self, step: int, latents: torch.Tensor) -> None:
-        req = self.request
+        """Queue the step's preview and `done`, and go on: a step without a preview does
+        no copy, no device sync and no encode (unless the job wants every step's latents,
+        spec 15.3); a preview renders on a worker while the next steps run."""
         assert self._previews is not None
         if self._previews.due(step):
-            self._enter("preview")  # a video's animated preview can take a while
-            preview = self._previews.message(step, latents)
-            self._enter(None)
-            self._emit(RunnerPreview(preview))
-        self._emit(Done(req.job_id, step, self._latents(latents)))
+            self._settle_preview()  # one at a time: a slow one holds the steps back
+            shown = self._previews.scaled(step, latents)  # a new tensor: the steps move on
+            self._preview = _workers().submit(self._render, step, shown)
+            self._emit(self._preview)
+        self._emit(self._done(step, latents))
         if step == self._total:
             self._enter("decoding")  # the pipeline decodes the latents next
         if self._faults is not None:
+            assert self._outbox is not None
+            self._outbox.wait_sent()  # faults act once the step's messages are out
             offset = self.request.resume.step if self.request.resume else 0
             self._faults.after_step(step, self._wait_until_stopped, offset, step == self._total)
 
-    def _latents(self, latents: torch.Tensor) -> Latents | None:
-        """The state after a step, when the job asked and the model can resume from it."""
+    def _render(self, step: int, shown: torch.Tensor) -> Message:
+        """On a worker: the preview of `shown`, encoded (as the step thread would have, in
+        inference mode, which is per thread)."""
+        assert self._previews is not None
+        self._preview_since = time.monotonic()
+        try:
+            with torch.inference_mode():
+                return RunnerPreview(self._previews.render(step, shown))
+        finally:
+            self._preview_since = None
+
+    def _settle_preview(self) -> None:
+        """Wait for the preview in flight; its failure is the pipeline's."""
+        if self._preview is not None:
+            preview, self._preview = self._preview, None
+            preview.result()
+
+    def _done(self, step: int, latents: torch.Tensor) -> Message | Future[Message]:
+        """`done` for the step, with its latents when the job asked and the model can resume
+        from them; on a GPU the copy finishes on a worker, so the step does not wait for it."""
+        job_id = self.request.job_id
         if not self._resume_scheduler:
-            return None
+            return Done(job_id, step)
         if latents.numel() * latents.element_size() > MAX_LATENTS_BYTES:
-            return None  # too big for one frame: this step cannot be resumed from
-        dtype, shape, data = latents_to_bytes(latents)
-        return Latents(scheduler=self._resume_scheduler, dtype=dtype, shape=shape, data=data)
+            return Done(job_id, step)  # too big for one frame: this step cannot be resumed from
+        finish, scheduler = latents_later(latents), self._resume_scheduler
+
+        def done() -> Message:
+            dtype, shape, data = finish()
+            state = Latents(scheduler=scheduler, dtype=dtype, shape=shape, data=data)
+            return Done(job_id, step, state)
+
+        if latents.device.type == "cpu":
+            return done()  # copied already: nothing to wait for
+        return _workers().submit(done)
 
     def _wait_until_stopped(self) -> None:
         with self._cond:

@@ -52,7 +52,8 @@ from protocol.runner import (
     encode,
 )
 from runner.faults import FaultPlan, Faults
-from runner.job import ConnectionLost, RunnerJob
+from runner.job import RunnerJob
+from runner.outbox import ConnectionLost
 
 log = logging.getLogger(__name__)
 AGENT = "stepstream-runner/0.1"

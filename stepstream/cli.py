@@ -368,7 +368,14 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--step-seconds", type=float, default=0.0, help="failover: extra seconds per step"
     )
-    bench.add_argument("--runs", type=int, default=5, help="jobs timed")
+    bench.add_argument(
+        "--runs", type=int, default=None, help="jobs timed (network: 9, the others: 5)"
+    )
+    bench.add_argument(
+        "--matrix",
+        action="store_true",
+        help="network: 64x64 at a window of 4 and of 1, and 128x128 at 4, in one go",
+    )
     bench.add_argument("--steps", type=int, default=20, help="denoising steps per job")
     bench.add_argument("--size", type=int, default=64, help="width and height, pixels")
     bench.add_argument("--preview-every", type=int, default=4, help="a preview every N steps")
@@ -422,6 +429,8 @@ def _run(args: argparse.Namespace) -> int:
         from runner.main import run_runner
 
         return anyio.run(run_runner, args)
+    if args.command == "bench" and args.runs is None:
+        args.runs = 9 if args.what == "network" else 5
     if args.command == "bench" and args.what == "pipelines":
         from stepstream.bench_pipelines import run_bench_pipelines
 

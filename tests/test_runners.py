@@ -137,7 +137,9 @@ async def test_runner_never_runs_a_step_not_granted(tiny_model: LoadedModel) -> 
         while not isinstance(seen[-1:] and seen[-1], Awaiting):
             message = await next_message(ws)
             seen.append(message if not hasattr(message, "preview") else "preview")
-        assert seen == [Begin("g", 1), Done("g", 1), Begin("g", 2), "preview", Done("g", 2)] + [
+        # Step 1 waited for its grant and says for how long; step 2 was granted already.
+        assert isinstance(seen[0], Begin) and seen[0].step == 1 and seen[0].waited_us > 0
+        assert seen[1:] == [Done("g", 1), Begin("g", 2), "preview", Done("g", 2)] + [
             Awaiting("g", 3)
         ]
         await ws.send(encode(Grant("g", 6)))
