@@ -42,6 +42,7 @@ from protocol.connection import Connection, State
 from protocol.credit import ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
+    FEATURE_INFO_REQUEST,
     FEATURE_RESULT_FRAMES,
     FEATURE_STATUS,
     Cancel,
@@ -49,6 +50,7 @@ from protocol.messages import (
     Error,
     Hello,
     Info,
+    InfoRequest,
     JobRequest,
     Message,
     Payment,
@@ -219,9 +221,11 @@ class Orchestrator:
         return client
 
     def _advertise(self, slot: ModelSlot) -> Capability:
-        """The slot's capability: warm when loaded on a live runner, with its load time."""
+        """The slot's capability: warm when loaded on a live runner, with its load time and
+        its step time (the speed claim), measured when it was last loaded (spec 4.5)."""
         entry = slot.entry
         state = self.runners.state(entry.model_id)
+        measured = state or self.runners.measured.get(entry.model_id)
         return Capability(
             pipeline=entry.pipeline,
             model_id=entry.model_id,
@@ -231,6 +235,9 @@ class Orchestrator:
             price_per_pixel_step=entry.price_per_pixel_step,
             resume_scheduler=state.resume_scheduler if state else "",
             load_seconds=state.load_seconds if state else None,
+            queued=0,
+            step_seconds=measured.step_seconds if measured else None,
+            step_pixels=measured.step_pixels if measured else 0,
         )
 
     @contextlib.asynccontextmanager
@@ -319,6 +326,8 @@ class Orchestrator:
         if isinstance(message, Hello):
             peer.sender = message.sender
             await peer.send(await self._info(message.sender))
+        elif isinstance(message, InfoRequest):
+            await peer.send(await self._info(peer.sender))
         elif isinstance(message, JobRequest):
             driver = await self._admit(peer, message)
             if driver is not None:
@@ -355,6 +364,8 @@ class Orchestrator:
             ticket_params=params,
             max_frame_bytes=self.config.max_frame_bytes,
             agent="stepstream-orchestrator/0.1",
+            devices=tuple(self.runners.devices()),
+            features=(FEATURE_INFO_REQUEST,),
         )
 
     # ------------------------------------------------------------ admission

@@ -14,6 +14,7 @@ from enum import StrEnum
 from protocol import codec
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
+    FEATURE_INFO_REQUEST,
     FEATURE_RESULT_FRAMES,
     FEATURE_STATUS,
     AwaitingPayment,
@@ -23,6 +24,7 @@ from protocol.messages import (
     Error,
     Hello,
     Info,
+    InfoRequest,
     JobAccepted,
     JobRequest,
     Message,
@@ -71,13 +73,18 @@ TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     (S.JOB_RUNNING, ResultFrame): S.JOB_RUNNING,
     (S.JOB_REQUESTED, Status): S.JOB_REQUESTED,
     (S.JOB_RUNNING, Status): S.JOB_RUNNING,
+    # A fresh info on an open connection, between jobs (spec 4.5).
+    (S.READY, InfoRequest): S.AWAIT_INFO,
 }
 
 FEATURE_OF: dict[type[Message], str] = {
     ResultFrame: FEATURE_RESULT_FRAMES,
     Status: FEATURE_STATUS,
+    InfoRequest: FEATURE_INFO_REQUEST,
 }
-"""The feature a broadcaster must list in `hello` before the orchestrator may send this."""
+"""The feature a broadcaster must list in `hello` before this may be sent: the orchestrator's
+optional messages, and `info_request`, which B sends only to an O whose `info.features`
+lists it."""
 
 
 class Connection:

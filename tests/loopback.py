@@ -114,7 +114,7 @@ async def loopback_orchestrator(
     token = secrets.token_urlsafe(16)
     runner = RunnerServer(RunnerConfig(device="cpu", token=token, faults=plan))
     for model in loaded if preloaded else ():  # else the runner loads them on demand
-        runner.models[model.model_id] = model
+        await runner.adopt(model)
     runner.fired = fired = []
     async with runner.serve("127.0.0.1", 0) as runner_server:
         runner_url = f"ws://127.0.0.1:{runner_server.sockets[0].getsockname()[1]}"
