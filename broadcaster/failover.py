@@ -29,10 +29,12 @@ from fractions import Fraction
 import anyio
 
 from broadcaster.discovery import Discovery
+from broadcaster.hardware import HardwareFilter
 from broadcaster.job_control import JobControl
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import (
     Candidate,
+    DeadlineUnmeetable,
     NoOrchestrator,
     SelectionConfig,
     candidates,
@@ -99,6 +101,7 @@ class JobRunner:
         policy: FailoverPolicy | None = None,
         max_price: Fraction | None = None,
         rng: random.Random | None = None,
+        hardware: HardwareFilter | None = None,
     ) -> None:
         self.discovery = discovery
         self.private_key = private_key
@@ -108,6 +111,8 @@ class JobRunner:
         self.policy = policy or FailoverPolicy()
         self.max_price = max_price
         self.rng = rng or random.Random()
+        self.hardware = hardware
+        """Only offers on this hardware (spec 4.5: --min-vram, --gpu); None: any."""
 
     async def generate(
         self,
@@ -161,6 +166,14 @@ class JobRunner:
                 chosen = self._select(
                     pipeline, model_id, tries, pixels * (total - offset), remaining
                 )
+            except DeadlineUnmeetable as exc:
+                # Refused before any job went out, so nothing was paid; no retry (spec M6).
+                yield JobError(
+                    job_id=job_id,
+                    code=ErrorCode.DEADLINE_UNMEETABLE.value,
+                    message=give_up(tries, str(exc)),
+                )
+                return
             except NoOrchestrator as exc:
                 code = (
                     ErrorCode.PRICE_TOO_HIGH
@@ -216,7 +229,7 @@ class JobRunner:
                     kept = (event.step, event.latents)
                 if not isinstance(event, JobResult | JobError):
                     yield event  # a try's own end is told by OrchestratorChanged or the last event
-            self._account(attempt, model_id)
+            self._account(attempt, model_id, chosen.claimed_speed)
             if attempt.result is not None:
                 yield job_result(job_id, tries, started)
                 return
@@ -254,6 +267,7 @@ class JobRunner:
                 suspensions=self.suspensions,
                 exclude={},
                 stakes={},
+                hardware=self.hardware,
             )
             raise NoOrchestrator("no other orchestrator can take the job", why)
         return choose(found, self.selection, self.rng, pixel_steps=pixel_steps, deadline=remaining)
@@ -280,6 +294,7 @@ class JobRunner:
             suspensions=Suspensions() if include_suspended else self.suspensions,
             exclude={t.url: f"already tried: {t.reason}" for t in tries},
             stakes=self.selection.stakes,
+            hardware=self.hardware,
         )
         return found
 
@@ -468,6 +483,7 @@ class JobRunner:
             suspensions=self.suspensions,
             exclude={chosen.url: "running the job"},
             stakes=self.selection.stakes,
+            hardware=self.hardware,
         )
         if not for_deadline(found, pixels * left, deadline_at - now):
             return None  # nobody else is measured to do better: finish here, late
@@ -487,12 +503,14 @@ class JobRunner:
             return replace(event, step=event.step + off)
         return event
 
-    def _account(self, attempt: Try, model_id: str) -> None:
-        """Metrics and suspension for a finished try."""
+    def _account(self, attempt: Try, model_id: str, claimed: float | None = None) -> None:
+        """Metrics (the speed seen, with the node's claim: spec 4.5) and suspension for a
+        finished try."""
         a = attempt.accepted
         pixels = a.pixels_per_step if a else 0
         if attempt.rate.steps_per_second > 0 and attempt.delivered >= 2:
-            self.metrics.record_speed(attempt.url, model_id, attempt.rate.steps_per_second * pixels)
+            speed = attempt.rate.steps_per_second * pixels
+            self.metrics.record_speed(attempt.url, model_id, speed, claimed)
         if attempt.reason == "completed":
             self.metrics.record_outcome(attempt.url, model_id)
             self.suspensions.clear(attempt.url)
