@@ -233,6 +233,13 @@ class JobRunner:
             if attempt.result is not None:
                 yield job_result(job_id, tries, started)
                 return
+            if attempt.reason == "deadline":  # left a queue unpaid: nobody can make it (M7)
+                yield JobError(
+                    job_id=job_id,
+                    code=ErrorCode.DEADLINE_UNMEETABLE.value,
+                    message=attempt.detail,
+                )
+                return
             if control.cancel_requested:
                 yield _cancelled(job_id)
                 return
@@ -397,13 +404,20 @@ class JobRunner:
                 if isinstance(event, ProgressUpdate):
                     last_progress, promised = now, 0.0
                 elif isinstance(event, JobStatus):
-                    # Alive in a phase without steps (a load, a decode): wait as promised.
+                    # Alive in a phase without steps (a load, a decode, a queue): wait as
+                    # promised; the deadline counts the wait all the same.
                     last_progress, promised = now, event.next_within_ms / 1000
                 yield self._to_client(attempt, event)
                 if isinstance(event, Accepted):
                     await control.accepted()
                 if ended:
                     break
+                if isinstance(event, JobStatus) and event.queue_position is not None:
+                    work = pixels * planned_steps(params)
+                    leave = self._leave_queue(event, chosen, pipeline, model_id, work, deadline_at)
+                    if leave is not None:
+                        attempt.reason, attempt.detail = leave
+                        break
                 if isinstance(event, ProgressUpdate) and deadline_at is not None:
                     late = self._too_slow(
                         attempt,
@@ -492,6 +506,49 @@ class JobRunner:
             f"at {rate:.1f} steps/s with {left} steps left"
         )
 
+    def _leave_queue(
+        self,
+        event: JobStatus,
+        chosen: Candidate,
+        pipeline: str,
+        model_id: str,
+        pixel_steps: int,
+        deadline_at: float | None,
+    ) -> tuple[str, str] | None:
+        """Whether the job leaves the queue it waits in (spec 4.6), as (reason, detail), or
+        None to wait: `queued` to go to an orchestrator with a free slot now; with a
+        deadline the queue's estimate says this one cannot make, `queued` to go to one
+        projected to make it, else `deadline` to give up unpaid (M6, M7: the wait counts)."""
+        found, _ = candidates(
+            self.discovery.statuses,
+            pipeline=pipeline,
+            model_id=model_id,
+            max_price=self.max_price,
+            metrics=self.metrics,
+            suspensions=self.suspensions,
+            exclude={chosen.url: "queued there"},
+            stakes=self.selection.stakes,
+            hardware=self.hardware,
+        )
+        place = f"queued at position {event.queue_position}"
+        free = [c for c in found if c.has_room]
+        if free:
+            return "queued", f"{place}; {free[0].url} has a free slot"
+        if deadline_at is None or not event.estimated_start_ms:
+            return None
+        now = time.monotonic()
+        start = event.estimated_start_ms / 1000
+        finish = start + (chosen.projected_seconds(pixel_steps) or 0.0)
+        if now + finish <= deadline_at:
+            return None
+        late = (
+            f"{place} at {chosen.url}, expected to start in {start:.2f} s and finish in "
+            f"{finish:.2f} s, past the deadline by {now + finish - deadline_at:.2f} s"
+        )
+        if for_deadline(found, pixel_steps, deadline_at - now):
+            return "queued", late
+        return "deadline", f"no offer can finish within the deadline: {late}"
+
     def _to_client(self, attempt: Try, event: Event) -> Event:
         """Steps of a resumed try count from its resume step; the client sees schedule steps."""
         off = attempt.offset
@@ -515,7 +572,7 @@ class JobRunner:
             self.metrics.record_outcome(attempt.url, model_id)
             self.suspensions.clear(attempt.url)
             return
-        if attempt.reason == "cancelled" or attempt.refused_the_request:
+        if attempt.reason in ("cancelled", "queued", "deadline") or attempt.refused_the_request:
             return  # the client's choice or the client's request, not the orchestrator's failure
         retryable = (
             attempt.reason == "refused" and attempt.detail.split(":")[0] in RETRYABLE_REFUSALS

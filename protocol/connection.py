@@ -15,6 +15,7 @@ from protocol import codec
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
     FEATURE_INFO_REQUEST,
+    FEATURE_QUEUE,
     FEATURE_RESULT_FRAMES,
     FEATURE_STATUS,
     AwaitingPayment,
@@ -31,6 +32,7 @@ from protocol.messages import (
     Payment,
     Preview,
     Progress,
+    Queued,
     Result,
     ResultFrame,
     Role,
@@ -75,12 +77,15 @@ TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     (S.JOB_RUNNING, Status): S.JOB_RUNNING,
     # A fresh info on an open connection, between jobs (spec 4.5).
     (S.READY, InfoRequest): S.AWAIT_INFO,
+    # Waiting for a slot, before the quote (spec 4.6).
+    (S.JOB_REQUESTED, Queued): S.JOB_REQUESTED,
 }
 
 FEATURE_OF: dict[type[Message], str] = {
     ResultFrame: FEATURE_RESULT_FRAMES,
     Status: FEATURE_STATUS,
     InfoRequest: FEATURE_INFO_REQUEST,
+    Queued: FEATURE_QUEUE,
 }
 """The feature a broadcaster must list in `hello` before this may be sent: the orchestrator's
 optional messages, and `info_request`, which B sends only to an O whose `info.features`

@@ -416,6 +416,21 @@ class Status(Message):
 
 
 @dataclass(frozen=True)
+class Queued(Message):
+    """Every slot of the model is busy: the job waits for one, unpaid (feature `queue`, 4.6)."""
+
+    TYPE: ClassVar[str] = "queued"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    position: UInt32
+    """1: the next job of this capability to start."""
+    estimated_start_ms: UInt32
+    """When O expects the job to start, from its recent jobs' durations; 0: no estimate yet."""
+    next_within_ms: UInt32
+    """O sends another message for the job (`queued`, `accepted`, ...) within this many ms."""
+
+
+@dataclass(frozen=True)
 class Cancel(Message):
     TYPE: ClassVar[str] = "cancel"
     SENDER: ClassVar[frozenset[Role]] = B
@@ -468,11 +483,13 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         ResultFrame,
         Status,
         InfoRequest,
+        Queued,
     )
 }
 
 FEATURE_RESULT_FRAMES = "result_frames"
 FEATURE_STATUS = "status"
 FEATURE_INFO_REQUEST = "info_request"
-FEATURES = frozenset({FEATURE_RESULT_FRAMES, FEATURE_STATUS, FEATURE_INFO_REQUEST})
+FEATURE_QUEUE = "queue"
+FEATURES = frozenset({FEATURE_RESULT_FRAMES, FEATURE_STATUS, FEATURE_INFO_REQUEST, FEATURE_QUEUE})
 """The optional message types of this revision, by the name `hello.features` lists."""

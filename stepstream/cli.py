@@ -145,6 +145,12 @@ def _build_parser() -> argparse.ArgumentParser:
     orch.add_argument(
         "--payment-timeout", type=float, default=30.0, help="seconds to wait for credit"
     )
+    orch.add_argument(
+        "--max-queued",
+        type=int,
+        default=8,
+        help="jobs that may wait per model when its slots are busy (0: refuse them)",
+    )
     _add_chain_flags(orch)
     orch.add_argument(
         "--initialize-round",

@@ -37,6 +37,7 @@ from protocol.messages import (
     Payment,
     Preview,
     Progress,
+    Queued,
     Result,
     ResultFrame,
     ResultImage,
@@ -160,6 +161,7 @@ SAMPLES: list[Message] = [
     ),
     Status(job_id="job-1", phase="decoding", next_within_ms=2000),
     InfoRequest(),
+    Queued(job_id="job-1", position=3, estimated_start_ms=12_500, next_within_ms=4000),
     Info(
         orchestrator=ADDR,
         capabilities=(

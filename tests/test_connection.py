@@ -26,6 +26,7 @@ from protocol.messages import (
     Payment,
     Preview,
     Progress,
+    Queued,
     Result,
     ResultFrame,
     ResultImage,
@@ -100,6 +101,7 @@ def messages(job_id: str = "job-1") -> dict[type[Message], Message]:
         ),
         Status: Status(job_id=job_id, phase="decoding", next_within_ms=2000),
         InfoRequest: InfoRequest(),
+        Queued: Queued(job_id=job_id, position=1, estimated_start_ms=0, next_within_ms=4000),
     }
 
 
@@ -555,3 +557,25 @@ def test_info_request_between_jobs_needs_its_feature() -> None:
         pair.deliver(msg[Cancelled])
     pair.deliver(InfoRequest())
     _expect(pair.o, codec.encode(MSG[JobRequest]), ErrorCode.UNEXPECTED_MESSAGE)
+
+
+def test_a_job_waits_in_the_queue_before_its_quote_only_for_who_asked() -> None:
+    """Spec 4.6: `queued` in job_requested, to a B that listed `queue`; then the quote, or
+    `cancelled` when B cancels while it waits; never while the job runs."""
+    pair = Pair()
+    pair.deliver(Hello(sender=ADDR, features=("queue",)))
+    pair.deliver(MSG[Info])
+    pair.deliver(MSG[JobRequest])
+    pair.deliver(MSG[Queued])
+    pair.deliver(MSG[Queued])
+    pair.deliver(MSG[Cancel])
+    pair.deliver(MSG[Cancelled])
+    msg = messages("job-2")
+    pair.deliver(msg[JobRequest])
+    pair.deliver(msg[Queued])
+    pair.deliver(msg[JobAccepted])
+    with pytest.raises(ProtocolError, match="not allowed in state job_running"):
+        pair.o.send(msg[Queued])
+    pair = pair_in(State.JOB_REQUESTED)  # a hello without features
+    with pytest.raises(ProtocolError, match="needs the feature"):
+        pair.o.send(MSG[Queued])

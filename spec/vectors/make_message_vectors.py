@@ -55,6 +55,7 @@ from protocol.messages import (  # noqa: E402
     Payment,
     Preview,
     Progress,
+    Queued,
     Result,
     ResultFrame,
     ResultImage,
@@ -307,6 +308,10 @@ MESSAGES: list[tuple[str, Message]] = [
     ),
     ("status", Status(job_id=JOB_ID, phase="decoding", next_within_ms=2000)),
     ("info_request", InfoRequest()),
+    (
+        "queued",
+        Queued(job_id=JOB_ID, position=2, estimated_start_ms=12_500, next_within_ms=4000),
+    ),
     (
         "info_hardware",
         Info(
