@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from fractions import Fraction
 from pathlib import Path
 
 import anyio
@@ -12,6 +13,8 @@ import pytest
 
 from broadcaster.discovery import Discovery
 from broadcaster.failover import JobRunner
+from broadcaster.gateway.event_json import event_json
+from broadcaster.gateway.hub import SUPERSEDING
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.session import BroadcasterSession
 from pipelines.loader import LoadedModel
@@ -169,3 +172,23 @@ async def test_waiting_in_a_queue_counts_against_the_deadline(tiny_model: Loaded
         assert not [e for e in events if isinstance(e, Accepted | PaymentSent)]
         assert busy.orch.stats.jobs_accepted == 0 and busy.orch.stats.tickets_received == 0
         assert runner.suspensions.reason(busy.url) is None
+
+
+async def test_the_gateway_streams_the_place_in_the_queue() -> None:
+    """Apps see `queued` (GATEWAY.md 3), one at a time: a newer one replaces an older one."""
+    status = JobStatus(
+        job_id="j", phase="queued", next_within_ms=4000, queue_position=2, estimated_start_ms=1500
+    )
+    earlier = (Fraction(0), Fraction(0), 0)
+    assert event_json(status, earlier) == {
+        "type": "queued",
+        "position": 2,
+        "estimated_start_seconds": 1.5,
+    }
+    unknown = JobStatus(
+        job_id="j", phase="queued", next_within_ms=4000, queue_position=1, estimated_start_ms=0
+    )
+    assert event_json(unknown, earlier)["estimated_start_seconds"] is None  # type: ignore[index]
+    loading = JobStatus(job_id="j", phase="loading", next_within_ms=4000)
+    assert event_json(loading, earlier) is None
+    assert "queued" in SUPERSEDING
