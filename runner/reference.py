@@ -26,7 +26,7 @@ from protocol.messages import ImageToVideoParams, JobParams, TextToImageParams
 log = logging.getLogger(__name__)
 
 REFERENCE_PROMPT = "a lighthouse on a cliff at dusk"
-TIMED_STEPS = 3
+TIMED_STEPS = 2
 """Steps timed after the warm-up step; the claim is the quickest."""
 LAST_STEP = TIMED_STEPS + 1
 

@@ -113,9 +113,11 @@ class RunnerServer:
                 await self.adopt(model)
             return self.models[model_id]
 
-    async def adopt(self, model: LoadedModel) -> None:
-        """Hold a loaded model, its step timed first (the node's speed claim)."""
-        claim = await anyio.to_thread.run_sync(measure_step, model)
+    async def adopt(self, model: LoadedModel, claim: StepClaim | None = None) -> None:
+        """Hold a loaded model, its step timed first (the node's speed claim) unless `claim`
+        gives the timing already made of this very model."""
+        if claim is None:
+            claim = await anyio.to_thread.run_sync(measure_step, model)
         if claim is not None:
             self.claims[model.model_id] = claim
         self.models[model.model_id] = model

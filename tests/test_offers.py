@@ -110,7 +110,8 @@ async def test_a_node_claiming_twice_its_speed_loses_jobs_to_an_honest_one(
         loopback_orchestrator(tiny_model) as honest,
         loopback_orchestrator(tiny_model) as liar,
     ):
-        liar.plan = FaultPlan(step_seconds=1.0)  # a 64 px step takes well under that
+        # 3 s more per step: under half the honest speed unless a step already takes 6 s.
+        liar.plan = FaultPlan(step_seconds=3.0)
         metrics = MetricsStore()
         discovery = Discovery([honest.url, liar.url], secrets.token_bytes(32))
         runner = JobRunner(
@@ -124,7 +125,7 @@ async def test_a_node_claiming_twice_its_speed_loses_jobs_to_an_honest_one(
         chosen = []
         for _ in range(5):
             control = JobControl()
-            job = runner.generate(small(4), model_id=TINY_SD, preview_every=2, control=control)
+            job = runner.generate(small(2), model_id=TINY_SD, preview_every=2, control=control)
             events = [e async for e in job]
             assert isinstance(events[-1], JobResult), events[-1]
             chosen.append(control.url)
