@@ -166,7 +166,7 @@ async def test_measured_speed_drives_selection_over_many_jobs(tiny_model: object
     """Real jobs measure both; then the measured-faster one is chosen more often."""
     async with (
         loopback_orchestrator(tiny_model) as fast,
-        loopback_orchestrator(tiny_model, FaultPlan(step_seconds=0.15)) as slow,
+        loopback_orchestrator(tiny_model, FaultPlan(step_seconds=0.6)) as slow,  # beats load
     ):
         urls = [fast.url, slow.url, "ws://127.0.0.1:9"]  # the last one is down
         discovery = Discovery(urls, secrets.token_bytes(32), info_timeout=1.0)
