@@ -29,10 +29,12 @@ from fractions import Fraction
 import anyio
 
 from broadcaster.discovery import Discovery
+from broadcaster.hardware import HardwareFilter
 from broadcaster.job_control import JobControl
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import (
     Candidate,
+    DeadlineUnmeetable,
     NoOrchestrator,
     SelectionConfig,
     candidates,
@@ -99,6 +101,7 @@ class JobRunner:
         policy: FailoverPolicy | None = None,
         max_price: Fraction | None = None,
         rng: random.Random | None = None,
+        hardware: HardwareFilter | None = None,
     ) -> None:
         self.discovery = discovery
         self.private_key = private_key
@@ -108,6 +111,8 @@ class JobRunner:
         self.policy = policy or FailoverPolicy()
         self.max_price = max_price
         self.rng = rng or random.Random()
+        self.hardware = hardware
+        """Only offers on this hardware (spec 4.5: --min-vram, --gpu); None: any."""
 
     async def generate(
         self,
@@ -161,6 +166,14 @@ class JobRunner:
                 chosen = self._select(
                     pipeline, model_id, tries, pixels * (total - offset), remaining
                 )
+            except DeadlineUnmeetable as exc:
+                # Refused before any job went out, so nothing was paid; no retry (spec M6).
+                yield JobError(
+                    job_id=job_id,
+                    code=ErrorCode.DEADLINE_UNMEETABLE.value,
+                    message=give_up(tries, str(exc)),
+                )
+                return
             except NoOrchestrator as exc:
                 code = (
                     ErrorCode.PRICE_TOO_HIGH
@@ -216,9 +229,16 @@ class JobRunner:
                     kept = (event.step, event.latents)
                 if not isinstance(event, JobResult | JobError):
                     yield event  # a try's own end is told by OrchestratorChanged or the last event
-            self._account(attempt, model_id)
+            self._account(attempt, model_id, chosen.claimed_speed)
             if attempt.result is not None:
                 yield job_result(job_id, tries, started)
+                return
+            if attempt.reason == "deadline":  # left a queue unpaid: nobody can make it (M7)
+                yield JobError(
+                    job_id=job_id,
+                    code=ErrorCode.DEADLINE_UNMEETABLE.value,
+                    message=attempt.detail,
+                )
                 return
             if control.cancel_requested:
                 yield _cancelled(job_id)
@@ -254,6 +274,7 @@ class JobRunner:
                 suspensions=self.suspensions,
                 exclude={},
                 stakes={},
+                hardware=self.hardware,
             )
             raise NoOrchestrator("no other orchestrator can take the job", why)
         return choose(found, self.selection, self.rng, pixel_steps=pixel_steps, deadline=remaining)
@@ -280,6 +301,7 @@ class JobRunner:
             suspensions=Suspensions() if include_suspended else self.suspensions,
             exclude={t.url: f"already tried: {t.reason}" for t in tries},
             stakes=self.selection.stakes,
+            hardware=self.hardware,
         )
         return found
 
@@ -382,13 +404,20 @@ class JobRunner:
                 if isinstance(event, ProgressUpdate):
                     last_progress, promised = now, 0.0
                 elif isinstance(event, JobStatus):
-                    # Alive in a phase without steps (a load, a decode): wait as promised.
+                    # Alive in a phase without steps (a load, a decode, a queue): wait as
+                    # promised; the deadline counts the wait all the same.
                     last_progress, promised = now, event.next_within_ms / 1000
                 yield self._to_client(attempt, event)
                 if isinstance(event, Accepted):
                     await control.accepted()
                 if ended:
                     break
+                if isinstance(event, JobStatus) and event.queue_position is not None:
+                    work = pixels * planned_steps(params)
+                    leave = self._leave_queue(event, chosen, pipeline, model_id, work, deadline_at)
+                    if leave is not None:
+                        attempt.reason, attempt.detail = leave
+                        break
                 if isinstance(event, ProgressUpdate) and deadline_at is not None:
                     late = self._too_slow(
                         attempt,
@@ -468,6 +497,7 @@ class JobRunner:
             suspensions=self.suspensions,
             exclude={chosen.url: "running the job"},
             stakes=self.selection.stakes,
+            hardware=self.hardware,
         )
         if not for_deadline(found, pixels * left, deadline_at - now):
             return None  # nobody else is measured to do better: finish here, late
@@ -475,6 +505,49 @@ class JobRunner:
             f"projected finish {projected - deadline_at:.2f} s past the deadline "
             f"at {rate:.1f} steps/s with {left} steps left"
         )
+
+    def _leave_queue(
+        self,
+        event: JobStatus,
+        chosen: Candidate,
+        pipeline: str,
+        model_id: str,
+        pixel_steps: int,
+        deadline_at: float | None,
+    ) -> tuple[str, str] | None:
+        """Whether the job leaves the queue it waits in (spec 4.6), as (reason, detail), or
+        None to wait: `queued` to go to an orchestrator with a free slot now; with a
+        deadline the queue's estimate says this one cannot make, `queued` to go to one
+        projected to make it, else `deadline` to give up unpaid (M6, M7: the wait counts)."""
+        found, _ = candidates(
+            self.discovery.statuses,
+            pipeline=pipeline,
+            model_id=model_id,
+            max_price=self.max_price,
+            metrics=self.metrics,
+            suspensions=self.suspensions,
+            exclude={chosen.url: "queued there"},
+            stakes=self.selection.stakes,
+            hardware=self.hardware,
+        )
+        place = f"queued at position {event.queue_position}"
+        free = [c for c in found if c.has_room]
+        if free:
+            return "queued", f"{place}; {free[0].url} has a free slot"
+        if deadline_at is None or not event.estimated_start_ms:
+            return None
+        now = time.monotonic()
+        start = event.estimated_start_ms / 1000
+        finish = start + (chosen.projected_seconds(pixel_steps) or 0.0)
+        if now + finish <= deadline_at:
+            return None
+        late = (
+            f"{place} at {chosen.url}, expected to start in {start:.2f} s and finish in "
+            f"{finish:.2f} s, past the deadline by {now + finish - deadline_at:.2f} s"
+        )
+        if for_deadline(found, pixel_steps, deadline_at - now):
+            return "queued", late
+        return "deadline", f"no offer can finish within the deadline: {late}"
 
     def _to_client(self, attempt: Try, event: Event) -> Event:
         """Steps of a resumed try count from its resume step; the client sees schedule steps."""
@@ -487,17 +560,19 @@ class JobRunner:
             return replace(event, step=event.step + off)
         return event
 
-    def _account(self, attempt: Try, model_id: str) -> None:
-        """Metrics and suspension for a finished try."""
+    def _account(self, attempt: Try, model_id: str, claimed: float | None = None) -> None:
+        """Metrics (the speed seen, with the node's claim: spec 4.5) and suspension for a
+        finished try."""
         a = attempt.accepted
         pixels = a.pixels_per_step if a else 0
         if attempt.rate.steps_per_second > 0 and attempt.delivered >= 2:
-            self.metrics.record_speed(attempt.url, model_id, attempt.rate.steps_per_second * pixels)
+            speed = attempt.rate.steps_per_second * pixels
+            self.metrics.record_speed(attempt.url, model_id, speed, claimed)
         if attempt.reason == "completed":
             self.metrics.record_outcome(attempt.url, model_id)
             self.suspensions.clear(attempt.url)
             return
-        if attempt.reason == "cancelled" or attempt.refused_the_request:
+        if attempt.reason in ("cancelled", "queued", "deadline") or attempt.refused_the_request:
             return  # the client's choice or the client's request, not the orchestrator's failure
         retryable = (
             attempt.reason == "refused" and attempt.detail.split(":")[0] in RETRYABLE_REFUSALS

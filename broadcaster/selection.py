@@ -1,13 +1,18 @@
 """Which orchestrator runs a job: filter, pool, then a weighted draw (or the deadline rule).
 
 1. Filter: offers the pipeline and model, at or under the client's maximum
-   price, reachable, not suspended, not already tried for this job.
-2. With a deadline: only orchestrators whose measured speed finishes the
-   job in time, cheapest first (ties: the faster).
+   price, on the hardware asked for (broadcaster/hardware.py), reachable,
+   not suspended, not already tried for this job.
+2. With a deadline: only orchestrators projected to finish the job in time
+   (measured speed, else the speed they claim, spec 4.5), cheapest first
+   (ties: the faster). When none is, the job is refused before anything is
+   sent, naming the fastest projection (DeadlineUnmeetable).
 3. Otherwise pools in order: warm with a free slot, cold with a free slot,
-   then the full ones. In the first non-empty pool, unmeasured orchestrators
-   are explored with probability `explore` (always, when none is measured);
-   else a weighted draw over the measured ones:
+   then the full ones, then those marked down for claiming far more than
+   they deliver (metrics_store.py). In the first non-empty pool, unmeasured
+   orchestrators are explored with probability `explore` (always, when none
+   is measured), the fastest claim first; else a weighted draw over the
+   measured ones:
 
        p_i = w_stake * stake_i / sum(stake) + w_price * exp(-price_i / mean price) / sum
            + w_speed * speed_i / sum(speed) + w_random / n
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from broadcaster.discovery import OrchestratorStatus
+from broadcaster.hardware import HardwareFilter
 from broadcaster.metrics_store import MetricsStore, SpeedRecord
 from broadcaster.suspension import Suspensions
 from protocol.messages import Capability
@@ -66,6 +72,23 @@ class Candidate:
     def has_room(self) -> bool:
         return self.capability.in_use < self.capability.capacity
 
+    @property
+    def claimed_speed(self) -> float | None:
+        """Pixel-steps per second the node claims (spec 4.5); None: no claim."""
+        return self.capability.claimed_pixel_steps_per_second
+
+    @property
+    def expected_speed(self) -> float | None:
+        """What we measured, else the claim: a claim is only a prior (spec M5)."""
+        return self.speed.pixel_steps_per_second if self.speed.measured else self.claimed_speed
+
+    def projected_seconds(self, pixel_steps: int) -> float | None:
+        """Seconds to run `pixel_steps` here: measured, else claimed; None when unknown."""
+        if self.speed.measured:
+            return self.speed.seconds_for(pixel_steps)
+        claim = self.claimed_speed
+        return None if not claim else pixel_steps / claim
+
 
 @dataclass
 class SelectionConfig:
@@ -84,6 +107,18 @@ class NoOrchestrator(Exception):
         self.reasons = dict(reasons)
 
 
+class DeadlineUnmeetable(NoOrchestrator):
+    """No offer is projected to finish within the deadline (spec M6); refused before paying."""
+
+    def __init__(self, deadline: float, fastest: str, seconds: float, reasons: Mapping[str, str]):
+        super().__init__(
+            f"no offer can finish within {deadline:g} s: the fastest, {fastest}, "
+            f"is projected to finish in {seconds:.2f} s",
+            reasons,
+        )
+        self.fastest, self.seconds = fastest, seconds
+
+
 def candidates(
     statuses: Sequence[OrchestratorStatus],
     *,
@@ -94,6 +129,7 @@ def candidates(
     suspensions: Suspensions,
     exclude: Mapping[str, str],
     stakes: Mapping[str, int],
+    hardware: HardwareFilter | None = None,
 ) -> tuple[list[Candidate], dict[str, str]]:
     """The orchestrators that may take the job, and why each other one may not."""
     found: list[Candidate] = []
@@ -117,24 +153,33 @@ def candidates(
         if max_price is not None and cap.price_per_pixel_step > max_price:
             rejected[url] = f"price {float(cap.price_per_pixel_step):g} above the maximum"
             continue
+        unfit = hardware.refusal(status.info, cap) if hardware is not None else None
+        if unfit is not None:
+            assert status.info is not None
+            rejected[url] = unfit
+            continue
         found.append(Candidate(url, cap, metrics.get(url, model_id), stakes.get(url, 0)))
     return found, rejected
 
 
 def for_deadline(found: Sequence[Candidate], pixel_steps: int, seconds: float) -> list[Candidate]:
-    """Those whose measured speed finishes `pixel_steps` within `seconds`, cheapest first."""
-    timed = [(c, c.speed.seconds_for(pixel_steps)) for c in found if c.has_room]
+    """Those projected (measured, else claimed) to finish `pixel_steps` within `seconds`,
+    cheapest first."""
+    timed = [(c, c.projected_seconds(pixel_steps)) for c in found if c.has_room]
     fits = [(c, t) for c, t in timed if t is not None and t <= seconds]
     fits.sort(key=lambda ct: (ct[0].price, ct[1]))
     return [c for c, _ in fits]
 
 
 def pools(found: Sequence[Candidate]) -> list[list[Candidate]]:
-    """Warm with room, cold with room, then full: go-livepeer's warm-first order."""
-    warm = [c for c in found if c.capability.warm and c.has_room]
-    cold = [c for c in found if not c.capability.warm and c.has_room]
-    full = [c for c in found if not c.has_room]
-    return [p for p in (warm, cold, full) if p]
+    """Warm with room, cold with room, then full: go-livepeer's warm-first order; those
+    marked down for overclaiming come after all of them."""
+    fair = [c for c in found if not c.speed.marked_down]
+    warm = [c for c in fair if c.capability.warm and c.has_room]
+    cold = [c for c in fair if not c.capability.warm and c.has_room]
+    full = [c for c in fair if not c.has_room]
+    marked = [c for c in found if c.speed.marked_down]
+    return [p for p in (warm, cold, full, marked) if p]
 
 
 def draw_probabilities(pool: Sequence[Candidate], weights: Weights) -> list[float]:
@@ -175,20 +220,37 @@ def choose(
     if deadline is not None:
         fits = for_deadline(found, pixel_steps, deadline)
         if not fits:
+            reasons = {c.url: _projection(c, pixel_steps) for c in found}
+            timed = [(t, c.url) for c in found if (t := c.projected_seconds(pixel_steps))]
+            if timed:
+                seconds, fastest = min(timed)
+                raise DeadlineUnmeetable(deadline, fastest, seconds, reasons)
             raise NoOrchestrator(
                 f"no orchestrator is measured fast enough to finish within {deadline:g} s",
-                {c.url: _projection(c, pixel_steps) for c in found},
+                reasons,
             )
         return fits[0]
     pool = pools(found)[0]
     unmeasured = [c for c in pool if not c.speed.measured]
     measured = [c for c in pool if c.speed.measured]
     if unmeasured and (not measured or rng.random() < config.explore):
-        return rng.choice(unmeasured)
+        return by_claim(unmeasured, rng)
     probs = draw_probabilities(measured, config.weights)
     return rng.choices(measured, weights=probs, k=1)[0]
 
 
+def by_claim(unmeasured: Sequence[Candidate], rng: random.Random) -> Candidate:
+    """The unmeasured node claiming the most speed; those claiming nothing are drawn from
+    only when no node claims anything (spec M5: the claim is the prior)."""
+    claimed = [c for c in unmeasured if c.claimed_speed]
+    if not claimed:
+        return rng.choice(list(unmeasured))
+    return max(claimed, key=lambda c: c.claimed_speed or 0.0)
+
+
 def _projection(c: Candidate, pixel_steps: int) -> str:
-    seconds = c.speed.seconds_for(pixel_steps)
-    return "not measured yet" if seconds is None else f"projected {seconds:.2f} s"
+    seconds = c.projected_seconds(pixel_steps)
+    if seconds is None:
+        return "not measured yet, and claims no speed"
+    how = "measured" if c.speed.measured else "claimed"
+    return f"projected {seconds:.2f} s ({how})"

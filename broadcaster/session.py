@@ -36,12 +36,14 @@ from protocol.connection import Connection
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.job_events import Event, JobError
 from protocol.messages import (
+    FEATURE_INFO_REQUEST,
     FEATURES,
     Cancel,
     Capability,
     Error,
     Hello,
     Info,
+    InfoRequest,
     JobParams,
     JobRequest,
     Message,
@@ -128,6 +130,29 @@ class BroadcasterSession:
             if cap.pipeline == pipeline and cap.model_id == model_id:
                 return cap
         return None
+
+    async def refresh_info(self) -> Info:
+        """Ask for a fresh `info` on this connection, between jobs (spec 4.5): the load and
+        devices of now, without a new connection. SessionError when O does not offer it."""
+        assert self.info is not None, "use the session inside `async with`"
+        if FEATURE_INFO_REQUEST not in self.info.features:
+            raise SessionError(
+                ErrorCode.UNEXPECTED_MESSAGE, f"{self.url} does not answer info_request"
+            )
+        try:
+            await self._send(InfoRequest())
+            info = await self._receive()
+        except ProtocolError as err:
+            await self._fail(err)
+            raise SessionError(err.code, err.message) from None
+        except (TimeoutError, ConnectionClosed) as exc:
+            raise SessionError(
+                ErrorCode.INTERNAL_ERROR, f"no info from {self.url}: {exc}"
+            ) from None
+        if not isinstance(info, Info):
+            raise SessionError(ErrorCode.UNEXPECTED_MESSAGE, f"expected info, got {info.TYPE}")
+        self.info = info
+        return info
 
     async def cancel(self, job_id: str) -> None:
         """Stop paying for the job and ask the orchestrator to stop it.

@@ -7,6 +7,7 @@ from conformance import (
     cases_framing,
     cases_jobs,
     cases_lifecycle,
+    cases_offers,
     cases_resume,
     cases_states,
     cases_tickets,
@@ -21,6 +22,7 @@ for module in (
     cases_credit,
     cases_tickets,
     cases_lifecycle,
+    cases_offers,
     cases_resume,
 ):
     REGISTRY.cases.extend(module.cases.cases)

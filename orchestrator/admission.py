@@ -2,12 +2,18 @@
 
 Pure decisions over the job request and the offered models (spec 9.1), and
 the capacity count, which is taken and given back without an await in
-between so that jobs arriving together can never exceed it.
+between so that jobs arriving together can never exceed it. A job that
+finds every slot busy may wait in the slot's queue (spec 4.6): a freed unit
+of capacity goes straight to the first job waiting, so the count never
+drops below what runs and waits to run.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import anyio
 
 from orchestrator.config import ModelEntry
 from pipelines.errors import InvalidRequest
@@ -17,6 +23,8 @@ from protocol.messages import JobRequest
 
 PREVIEW_METHODS = frozenset({"latent_rgb", "taesd", "vae", "none"})
 PREVIEW_FORMATS = frozenset({"webp", "jpeg"})
+DURATION_ALPHA = 0.3
+"""Weight of the newest job's duration in the estimate of when a queued job starts."""
 
 
 @dataclass
@@ -25,6 +33,10 @@ class ModelSlot:
 
     entry: ModelEntry
     in_use: int = 0
+    queue: list[anyio.Event] = field(default_factory=list)
+    """Jobs waiting for a unit of capacity, first in line first; set when handed one."""
+    job_seconds: float | None = None
+    """Recent jobs' duration, smoothed: how long a slot takes to free up."""
 
     def reserve(self) -> None:
         """Take one unit of capacity, or refuse with no_capacity (no await: no race)."""
@@ -36,7 +48,45 @@ class ModelSlot:
         self.in_use += 1
 
     def release(self) -> None:
+        """Give a unit back: to the first job in the queue, else to the pool."""
+        if self.queue:
+            self.queue.pop(0).set()  # the unit passes on: in_use stays as it is
+            return
         self.in_use = max(0, self.in_use - 1)
+
+    def enqueue(self, limit: int) -> anyio.Event | None:
+        """A place at the back of the queue, set once it holds a unit; None when the queue
+        already holds `limit` jobs."""
+        if len(self.queue) >= limit:
+            return None
+        place = anyio.Event()
+        self.queue.append(place)
+        return place
+
+    def leave(self, place: anyio.Event) -> None:
+        """Give up a place: out of the queue, or, if it was handed a unit, that unit on."""
+        if place in self.queue:
+            self.queue.remove(place)
+        elif place.is_set():
+            self.release()
+
+    def position(self, place: anyio.Event) -> int:
+        """1 for the next job to start; 0 once it holds a unit."""
+        return self.queue.index(place) + 1 if place in self.queue else 0
+
+    def estimated_start_ms(self, place: anyio.Event) -> int:
+        """When the job at `place` should start: the jobs ahead of it, run `capacity` at a
+        time, at the recent jobs' duration; 0 while no job has finished here."""
+        if self.job_seconds is None:
+            return 0
+        waves = math.ceil(self.position(place) / max(1, self.entry.capacity))
+        return min(2**32 - 1, int(waves * self.job_seconds * 1000))
+
+    def observe_duration(self, seconds: float) -> None:
+        old = self.job_seconds
+        self.job_seconds = (
+            seconds if old is None else (DURATION_ALPHA * seconds + (1 - DURATION_ALPHA) * old)
+        )
 
 
 @dataclass

@@ -23,6 +23,7 @@ from orchestrator.placement import DevicePool, Resident, place
 from orchestrator.runner_client import RunnerClient, RunnerUnavailable
 from pipelines.devices import CPU_SLOTS_DEFAULT, cuda_devices
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import Device
 from protocol.runner import ModelState
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class RunnerPool:
         self.usage: dict[str, Usage] = {}
         self.footprints: dict[str, int] = {}
         """Last measured footprint of each model, for placing it again."""
+        self.measured: dict[str, ModelState] = {}
+        """Each model as last loaded (its load and step times), also once it is cold again."""
         self._clients: dict[str, RunnerClient] = {}
         """External runners by url."""
         self._tg: anyio.abc.TaskGroup | None = None
@@ -104,6 +107,29 @@ class RunnerPool:
                 return client.models[model_id]
         return None
 
+    def devices(self) -> list[Device]:
+        """The device of each live runner (PROTOCOL.md 4.5): a GPU by its name and memory,
+        free memory being what the measured footprints of its models leave; the CPU as
+        `cpu`, with no VRAM."""
+        out = []
+        for client in self._live_clients():
+            ready = client.ready
+            if ready is None:
+                continue
+            held = sum(m.footprint_bytes for m in client.models.values())
+            total = ready.vram_bytes or None
+            gpu = ready.gpu or ("cpu" if ready.device.startswith("cpu") else ready.device)
+            out.append(
+                Device(
+                    name=ready.device,
+                    gpu=gpu,
+                    vram_total=total,
+                    vram_free=None if total is None else max(0, total - held),
+                    models=tuple(sorted(client.models))[:256],
+                )
+            )
+        return out[:64]
+
     def _live_clients(self) -> list[RunnerClient]:
         clients = [m.client for m in self.managed if m.client is not None]
         clients += list(self._clients.values())
@@ -131,11 +157,14 @@ class RunnerPool:
         try:
             if model_id in self.external:
                 client = await self._external(model_id)
-                return client, await client.load(model_id)
+                state = await client.load(model_id)
+                self.measured[model_id] = state
+                return client, state
             async with self._lock:
                 client = await self._place(model_id)
                 state = await client.load(model_id)
                 self.footprints[model_id] = state.footprint_bytes
+                self.measured[model_id] = state
                 return client, state
         except RunnerUnavailable as exc:
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, str(exc)) from None

@@ -43,17 +43,22 @@ from protocol.credit import ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.job_context import current_job_id
 from protocol.messages import (
+    FEATURE_INFO_REQUEST,
+    FEATURE_QUEUE,
     FEATURE_RESULT_FRAMES,
     FEATURE_STATUS,
     Cancel,
+    Cancelled,
     Capability,
     Error,
     Hello,
     Info,
+    InfoRequest,
     JobRequest,
     Message,
     Payment,
     Preview,
+    Queued,
     Role,
     Status,
     TicketParams,
@@ -86,6 +91,10 @@ DEFAULT_FACE_VALUE = 10**15
 DEFAULT_TICKET_EV = 8 * 10**9  # go-livepeer's default ticket EV, for the info message
 LOADING_STATUS_SECONDS = 2.0
 """How often B hears `status` while its job waits for a model to load (spec 9.6)."""
+QUEUE_STATUS_SECONDS = 2.0
+"""How often a queued job hears its place in the queue (spec 4.6)."""
+DEFAULT_MAX_QUEUED = 8
+"""Jobs that may wait for each capability's slots (spec 4.6); more are refused no_capacity."""
 DEFAULT_REDEEM_COST_MULTIPLIER = 100
 """Face value is kept at least this many times the gas a redemption costs."""
 __all__ = ["SECONDS_PER_BLOCK", "Orchestrator", "OrchestratorConfig", "offchain_block"]
@@ -113,6 +122,8 @@ class OrchestratorConfig:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     balance_ttl: float = DEFAULT_BALANCE_TTL
     """Seconds a sender's unspent credit is kept after it last changed (spec 7.5)."""
+    max_queued: int = DEFAULT_MAX_QUEUED
+    """Jobs waiting per capability when its slots are busy (spec 4.6); 0: no queue."""
     """Idle timeouts and the cap on connections per client address (spec 3.5)."""
 
 
@@ -219,9 +230,11 @@ class Orchestrator:
         return client
 
     def _advertise(self, slot: ModelSlot) -> Capability:
-        """The slot's capability: warm when loaded on a live runner, with its load time."""
+        """The slot's capability: warm when loaded on a live runner, with its load time and
+        its step time (the speed claim), measured when it was last loaded (spec 4.5)."""
         entry = slot.entry
         state = self.runners.state(entry.model_id)
+        measured = state or self.runners.measured.get(entry.model_id)
         return Capability(
             pipeline=entry.pipeline,
             model_id=entry.model_id,
@@ -231,6 +244,9 @@ class Orchestrator:
             price_per_pixel_step=entry.price_per_pixel_step,
             resume_scheduler=state.resume_scheduler if state else "",
             load_seconds=state.load_seconds if state else None,
+            queued=len(slot.queue),
+            step_seconds=measured.step_seconds if measured else None,
+            step_pixels=measured.step_pixels if measured else 0,
         )
 
     @contextlib.asynccontextmanager
@@ -319,6 +335,8 @@ class Orchestrator:
         if isinstance(message, Hello):
             peer.sender = message.sender
             await peer.send(await self._info(message.sender))
+        elif isinstance(message, InfoRequest):
+            await peer.send(await self._info(peer.sender))
         elif isinstance(message, JobRequest):
             driver = await self._admit(peer, message)
             if driver is not None:
@@ -355,6 +373,8 @@ class Orchestrator:
             ticket_params=params,
             max_frame_bytes=self.config.max_frame_bytes,
             agent="stepstream-orchestrator/0.1",
+            devices=tuple(self.runners.devices()),
+            features=(FEATURE_INFO_REQUEST,),
         )
 
     # ------------------------------------------------------------ admission
@@ -364,12 +384,23 @@ class Orchestrator:
         current_job_id.set(req.job_id)
         slot: ModelSlot | None = None
         features = peer.conn.features
+        place = None
         try:
             slot = self.offers.slot_for(req)
             shape = check_request(req, frames_streamed=FEATURE_RESULT_FRAMES in features)
-            slot.reserve()
+            try:
+                slot.reserve()
+            except ProtocolError:
+                # Full: a broadcaster that understands a queue may wait in it (spec 4.6).
+                if FEATURE_QUEUE not in features:
+                    raise
+                place = slot.enqueue(self.config.max_queued)
+                if place is None:
+                    raise
         except ProtocolError as err:
             await self._refuse(peer, req, err)
+            return None
+        if place is not None and not await self._queued(peer, req, slot, place):
             return None
         # B's job ids are unique on its connection only; the runner sees one of ours.
         runner_job_id = secrets.token_hex(8)
@@ -447,6 +478,58 @@ class Orchestrator:
         if failure is not None:
             raise failure
         return runner
+
+    async def _queued(
+        self, peer: Peer, req: JobRequest, slot: ModelSlot, place: anyio.Event
+    ) -> bool:
+        """Wait for a unit of the slot's capacity, telling B its place every few seconds;
+        nothing is quoted or paid meanwhile. B may cancel (answered `cancelled`, 0 steps) or
+        leave; False then, and the place (or a unit handed to it meanwhile) is given up."""
+        ended: str | None = None
+
+        async def tell(scope: anyio.CancelScope) -> None:
+            nonlocal ended
+            while True:
+                message = Queued(
+                    job_id=req.job_id,
+                    position=slot.position(place),
+                    estimated_start_ms=slot.estimated_start_ms(place),
+                    next_within_ms=int(QUEUE_STATUS_SECONDS * 2000),
+                )
+                try:
+                    await peer.send(message)
+                except ConnectionClosed:
+                    ended = "left"
+                    scope.cancel()
+                    return
+                await anyio.sleep(QUEUE_STATUS_SECONDS)  # a period, not a sync
+
+        async def listen(scope: anyio.CancelScope) -> None:
+            nonlocal ended
+            try:
+                message = peer.decode(await peer.ws.recv())
+            except ProtocolError as err:
+                await peer.fail(err)
+                ended = "failed"
+            except ConnectionClosed:
+                ended = "left"
+            else:  # in job_requested B may send only `cancel` or a fatal `error`
+                ended = "cancelled" if isinstance(message, Cancel) else "left"
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tell, tg.cancel_scope)
+            tg.start_soon(listen, tg.cancel_scope)
+            await place.wait()
+            tg.cancel_scope.cancel()
+        if ended is None and place.is_set():
+            return True
+        slot.leave(place)
+        log.info("job %s left the queue (%s)", req.job_id, ended)
+        if ended == "cancelled":
+            with contextlib.suppress(ConnectionClosed):
+                await peer.send(Cancelled(job_id=req.job_id, steps=0))
+        return False
 
     async def _refuse(self, peer: Peer, req: JobRequest, err: ProtocolError) -> None:
         self.stats.jobs_refused += 1
@@ -561,6 +644,7 @@ class _Host:
         return await self.orch._job_params(self.sender, job.window_fee)
 
     def job_ended(self, job: OrchestratorJob, outcome: JobOutcome) -> None:
+        self.slot.observe_duration(time.monotonic() - self.started)
         self.slot.release()
         self.orch.balances.put(self.sender, outcome.unspent, time.monotonic())
         self.orch._observe(job.request, outcome, time.monotonic() - self.started)

@@ -47,6 +47,7 @@ from protocol.messages import (
     Message,
     Preview,
     Progress,
+    Queued,
     Result,
     ResultFrame,
     ResultImage,
@@ -199,6 +200,15 @@ class BroadcasterJob:
                 job_id=self.job_id, phase=message.phase, next_within_ms=message.next_within_ms
             )
             return [Emit(status)]
+        if isinstance(message, Queued):  # waiting for a slot; nothing is paid (spec 4.6)
+            queued = JobStatus(
+                job_id=self.job_id,
+                phase="queued",
+                next_within_ms=message.next_within_ms,
+                queue_position=message.position,
+                estimated_start_ms=message.estimated_start_ms,
+            )
+            return [Emit(queued)]
         if isinstance(message, Result):
             return self._result(message, now)
         if isinstance(message, Cancelled):

@@ -14,6 +14,8 @@ from enum import StrEnum
 from protocol import codec
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
+    FEATURE_INFO_REQUEST,
+    FEATURE_QUEUE,
     FEATURE_RESULT_FRAMES,
     FEATURE_STATUS,
     AwaitingPayment,
@@ -23,12 +25,14 @@ from protocol.messages import (
     Error,
     Hello,
     Info,
+    InfoRequest,
     JobAccepted,
     JobRequest,
     Message,
     Payment,
     Preview,
     Progress,
+    Queued,
     Result,
     ResultFrame,
     Role,
@@ -71,13 +75,21 @@ TRANSITIONS: dict[tuple[State, type[Message]], State] = {
     (S.JOB_RUNNING, ResultFrame): S.JOB_RUNNING,
     (S.JOB_REQUESTED, Status): S.JOB_REQUESTED,
     (S.JOB_RUNNING, Status): S.JOB_RUNNING,
+    # A fresh info on an open connection, between jobs (spec 4.5).
+    (S.READY, InfoRequest): S.AWAIT_INFO,
+    # Waiting for a slot, before the quote (spec 4.6).
+    (S.JOB_REQUESTED, Queued): S.JOB_REQUESTED,
 }
 
 FEATURE_OF: dict[type[Message], str] = {
     ResultFrame: FEATURE_RESULT_FRAMES,
     Status: FEATURE_STATUS,
+    InfoRequest: FEATURE_INFO_REQUEST,
+    Queued: FEATURE_QUEUE,
 }
-"""The feature a broadcaster must list in `hello` before the orchestrator may send this."""
+"""The feature a broadcaster must list in `hello` before this may be sent: the orchestrator's
+optional messages, and `info_request`, which B sends only to an O whose `info.features`
+lists it."""
 
 
 class Connection:

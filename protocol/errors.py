@@ -46,6 +46,7 @@ class ErrorCode(StrEnum):
     INVALID_RESULT = "invalid_result"
     """Broadcaster side: a result that does not match its request (spec J7); fatal."""
     NO_ORCHESTRATOR = "no_orchestrator"
+    DEADLINE_UNMEETABLE = "deadline_unmeetable"
     """Broadcaster side: no orchestrator could finish the job (spec 15.4)."""
     INTERNAL_ERROR = "internal_error"
 

@@ -59,6 +59,10 @@ class JobStatus:
     phase: str
     next_within_ms: int
     """The orchestrator's promise: another message for the job within this many ms."""
+    queue_position: int | None = None
+    """Phase `queued` (spec 4.6): 1 is the next job to start there."""
+    estimated_start_ms: int | None = None
+    """Phase `queued`: when the orchestrator expects the job to start; 0: no estimate."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -145,6 +145,35 @@ class Capability:
     """The scheduler a job of this model can be resumed with (spec 15); empty: no resume."""
     load_seconds: Annotated[Annotated[float, Float(0.0, 1e6)] | None, Added()] = None
     """Measured time the model took to load (warm models, or cold ones loaded before)."""
+    queued: Annotated[UInt32, Added()] = 0
+    """Jobs of this capability waiting for a slot (spec 4.5)."""
+    step_seconds: Annotated[Annotated[float, Float(0.0, 1e6)] | None, Added()] = None
+    """The node's claim of its speed: one warm step of the reference job, timed at load."""
+    step_pixels: Annotated[UInt64, Added()] = 0
+    """Pixels of that reference step (the model's default size, times its frames)."""
+
+    @property
+    def claimed_pixel_steps_per_second(self) -> float | None:
+        """The speed the node claims, in the unit a broadcaster measures; None: no claim."""
+        if not self.step_seconds or not self.step_pixels:
+            return None
+        return self.step_pixels / self.step_seconds
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device of the orchestrator's runners: what it is, its memory, its warm models."""
+
+    name: Name
+    """The runner's device: `cuda:0`, `cpu`."""
+    gpu: Annotated[str, Str(1, 128)]
+    """The GPU's model name, or `cpu` for a runner without one."""
+    vram_total: UInt64 | None = None
+    """Bytes of GPU memory; nil on the CPU (it has none)."""
+    vram_free: UInt64 | None = None
+    """Bytes not held by the models loaded there; nil on the CPU."""
+    models: Annotated[tuple[ModelId, ...], Items(0, 256)] = ()
+    """Models loaded (warm) on this device."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +254,18 @@ class Info(Message):
     ticket_params: TicketParams
     max_frame_bytes: UInt32
     agent: Annotated[str, Str(0, 128)] = ""
+    devices: Annotated[tuple[Device, ...], Items(0, 64), Added()] = ()
+    """The devices of O's live runners (spec 4.5)."""
+    features: Annotated[tuple[Name, ...], Items(0, 32), Added()] = ()
+    """Optional messages O accepts from B (spec 12.1): `info_request`."""
+
+
+@dataclass(frozen=True)
+class InfoRequest(Message):
+    """Ask for a fresh `info` on an open connection (feature `info_request`, spec 4.5)."""
+
+    TYPE: ClassVar[str] = "info_request"
+    SENDER: ClassVar[frozenset[Role]] = B
 
 
 @dataclass(frozen=True)
@@ -375,6 +416,21 @@ class Status(Message):
 
 
 @dataclass(frozen=True)
+class Queued(Message):
+    """Every slot of the model is busy: the job waits for one, unpaid (feature `queue`, 4.6)."""
+
+    TYPE: ClassVar[str] = "queued"
+    SENDER: ClassVar[frozenset[Role]] = O
+    job_id: JobId
+    position: UInt32
+    """1: the next job of this capability to start."""
+    estimated_start_ms: UInt32
+    """When O expects the job to start, from its recent jobs' durations; 0: no estimate yet."""
+    next_within_ms: UInt32
+    """O sends another message for the job (`queued`, `accepted`, ...) within this many ms."""
+
+
+@dataclass(frozen=True)
 class Cancel(Message):
     TYPE: ClassVar[str] = "cancel"
     SENDER: ClassVar[frozenset[Role]] = B
@@ -426,10 +482,14 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Error,
         ResultFrame,
         Status,
+        InfoRequest,
+        Queued,
     )
 }
 
 FEATURE_RESULT_FRAMES = "result_frames"
 FEATURE_STATUS = "status"
-FEATURES = frozenset({FEATURE_RESULT_FRAMES, FEATURE_STATUS})
+FEATURE_INFO_REQUEST = "info_request"
+FEATURE_QUEUE = "queue"
+FEATURES = frozenset({FEATURE_RESULT_FRAMES, FEATURE_STATUS, FEATURE_INFO_REQUEST, FEATURE_QUEUE})
 """The optional message types of this revision, by the name `hello.features` lists."""

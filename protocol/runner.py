@@ -41,6 +41,10 @@ class ModelState:
     """Memory the model holds on the runner's device, measured at load."""
     resume_scheduler: Annotated[str, Str(0, 64)] = ""
     """The scheduler a job of this model resumes with (PROTOCOL.md 15); empty: none."""
+    step_seconds: Annotated[Annotated[float, Float(0.0, 1e6)] | None, Added()] = None
+    """One warm step of the reference job, timed at load (RUNNER.md 5.1); None: not timed."""
+    step_pixels: Annotated[UInt64, Added()] = 0
+    """Pixels of that step: the model's default size, times its frames."""
 
 
 # ----------------------------------------------------- runner -> orchestrator
@@ -56,6 +60,10 @@ class Ready:
     """The pool models are placed in: GPU memory, or a CPU budget."""
     models: Annotated[tuple[ModelState, ...], Items(0, 256)]
     agent: Annotated[str, Str(0, 128)] = ""
+    gpu: Annotated[str, Str(0, 128), Added()] = ""
+    """The GPU's model name; empty on the CPU."""
+    vram_bytes: Annotated[UInt64, Added()] = 0
+    """The GPU's whole memory (not a budget); 0 on the CPU."""
 
 
 @dataclass(frozen=True)

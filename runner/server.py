@@ -54,6 +54,7 @@ from protocol.runner import (
 from runner.faults import FaultPlan, Faults
 from runner.job import RunnerJob
 from runner.outbox import ConnectionLost
+from runner.reference import StepClaim, hardware, measure_step
 
 log = logging.getLogger(__name__)
 AGENT = "stepstream-runner/0.1"
@@ -72,7 +73,7 @@ class RunnerConfig:
     """Faults injected into every job (runner/faults.py); None in production."""
 
 
-def model_state(model: LoadedModel) -> ModelState:
+def model_state(model: LoadedModel, claim: StepClaim | None = None) -> ModelState:
     return ModelState(
         model_id=model.model_id,
         family=model.family,
@@ -80,6 +81,8 @@ def model_state(model: LoadedModel) -> ModelState:
         load_seconds=model.load_seconds,
         footprint_bytes=max(0, model.footprint_bytes),
         resume_scheduler=resume_scheduler_name(model.pipe),
+        step_seconds=claim.seconds if claim else None,
+        step_pixels=claim.pixels if claim else 0,
     )
 
 
@@ -91,6 +94,8 @@ class RunnerServer:
         self.fired: list[str] = []
         """Injected faults that fired, in order (runner/faults.py)."""
         self.models: dict[str, LoadedModel] = {}
+        self.claims: dict[str, StepClaim] = {}
+        """Each loaded model's step, timed at load (runner/reference.py)."""
         self._load_locks: dict[str, anyio.Lock] = {}
 
     def memory_bytes(self) -> int:
@@ -103,12 +108,26 @@ class RunnerServer:
                 log.info("loading %s on %s", model_id, self.config.device)
                 if self.config.faults is not None and self.config.faults.load_seconds:
                     await anyio.sleep(self.config.faults.load_seconds)  # a slow disk
-                self.models[model_id] = await anyio.to_thread.run_sync(
+                model = await anyio.to_thread.run_sync(
                     load_model, model_id, self.config.device, self.config.offload
                 )
+                await self.adopt(model)
             return self.models[model_id]
 
+    async def adopt(self, model: LoadedModel, claim: StepClaim | None = None) -> None:
+        """Hold a loaded model, its step timed first (the node's speed claim) unless `claim`
+        gives the timing already made of this very model."""
+        if claim is None:
+            claim = await anyio.to_thread.run_sync(measure_step, model)
+        if claim is not None:
+            self.claims[model.model_id] = claim
+        self.models[model.model_id] = model
+
+    def state(self, model: LoadedModel) -> ModelState:
+        return model_state(model, self.claims.get(model.model_id))
+
     def unload(self, model_id: str) -> None:
+        self.claims.pop(model_id, None)
         if self.models.pop(model_id, None) is not None:
             gc.collect()
             if torch.device(self.config.device).type == "cuda":
@@ -144,11 +163,14 @@ class RunnerServer:
                 except ConnectionClosed:
                     raise ConnectionLost("orchestrator connection closed") from None
 
+        hw = hardware(self.config.device)
         ready = Ready(
             device=self.config.device,
             memory_bytes=self.memory_bytes(),
-            models=tuple(model_state(m) for m in self.models.values()),
+            models=tuple(self.state(m) for m in self.models.values()),
             agent=AGENT,
+            gpu=hw.gpu,
+            vram_bytes=hw.vram_bytes,
         )
         async with anyio.create_task_group() as tg:
             try:
@@ -212,7 +234,7 @@ class RunnerServer:
             text = f"cannot load: {type(exc).__name__}: {exc}"[:1024]
             reply = LoadFailed(model_id, ErrorCode.MODEL_UNAVAILABLE.value, text)
         else:
-            reply = Loaded(model_state(model))
+            reply = Loaded(self.state(model))
         await send(reply)
 
     async def _answer_plan(self, plan: Plan, send: Send) -> None:

@@ -87,6 +87,22 @@ def _fraction(text: str) -> Fraction:
     return value
 
 
+def _add_hardware_flags(parser: argparse.ArgumentParser) -> None:
+    """Offers filtered by the hardware nodes advertise (spec 4.5)."""
+    parser.add_argument(
+        "--min-vram",
+        default=None,
+        metavar="GIB",
+        help="only nodes with a GPU of at least this many GiB of VRAM (a CPU has none)",
+    )
+    parser.add_argument(
+        "--gpu",
+        default=None,
+        metavar="PATTERN",
+        help="only nodes whose GPU name matches, e.g. 4090 or 'NVIDIA H100*' (no case)",
+    )
+
+
 def _add_chain_flags(parser: argparse.ArgumentParser) -> None:
     """Key and chain options shared by the commands that hold a key."""
     parser.add_argument(
@@ -128,6 +144,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     orch.add_argument(
         "--payment-timeout", type=float, default=30.0, help="seconds to wait for credit"
+    )
+    orch.add_argument(
+        "--max-queued",
+        type=int,
+        default=8,
+        help="jobs that may wait per model when its slots are busy (0: refuse them)",
     )
     _add_chain_flags(orch)
     orch.add_argument(
@@ -188,6 +210,7 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--orchestrators-file", type=Path, default=None, help="one URL per line")
     gen.add_argument("--deadline", type=float, default=None, help="seconds the job may take")
     gen.add_argument("--max-orchestrators", type=int, default=3, help="tries before giving up")
+    _add_hardware_flags(gen)
     gen.add_argument(
         "--stall-floor",
         type=float,
@@ -299,6 +322,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     gw.add_argument("--orchestrators-file", type=Path, default=None, help="one URL per line")
     gw.add_argument("--max-orchestrators", type=int, default=3, help="tries per job")
+    _add_hardware_flags(gw)
     gw.add_argument(
         "--selection",
         default="livepeer",

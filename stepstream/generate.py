@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from broadcaster.discovery import Discovery, OrchestratorListError, parse_orchestrator_urls
 from broadcaster.failover import FailoverPolicy, JobRunner
+from broadcaster.hardware import HardwareFilter, HardwareFilterError
 from broadcaster.image_files import UnsupportedImageFile, format_for, parameters_text, write_image
 from broadcaster.job_control import JobControl
 from broadcaster.metrics_store import MetricsStore
@@ -133,12 +134,25 @@ def checked_request(args: argparse.Namespace) -> TextToImageParams:
         raise UsageError(f"--out: {exc}") from None
     if args.deadline is not None and args.deadline <= 0:
         raise UsageError(f"--deadline: must be a positive number of seconds, got {args.deadline}")
+    hardware_filter(args)
     if args.max_orchestrators < 1:
         raise UsageError("--max-orchestrators: must be at least 1")
     for flag, value in (("--deposit", args.deposit), ("--reserve", args.reserve)):
         if value < 0:
             raise UsageError(f"{flag}: must not be negative, got {value}")
     return params
+
+
+def hardware_filter(args: argparse.Namespace) -> HardwareFilter:
+    """--min-vram and --gpu as a filter of offers (spec 4.5); UsageError naming the flag."""
+    try:
+        HardwareFilter.parse(args.min_vram, None)
+    except HardwareFilterError as exc:
+        raise UsageError(f"--min-vram: {exc}") from None
+    try:
+        return HardwareFilter.parse(args.min_vram, args.gpu)
+    except HardwareFilterError as exc:
+        raise UsageError(f"--gpu: {exc}") from None
 
 
 async def run_generate(args: argparse.Namespace) -> int:
@@ -197,6 +211,7 @@ async def run_generate(args: argparse.Namespace) -> int:
                 max_orchestrators=args.max_orchestrators, stall_floor=args.stall_floor
             ),
             max_price=args.max_price,
+            hardware=hardware_filter(args),
         )
         return await _run_job(runner, params, args, out)
     finally:

@@ -22,6 +22,7 @@ from broadcaster.gateway.app import Gateway
 from broadcaster.gateway.guard import is_loopback
 from broadcaster.gateway.server import serving
 from broadcaster.gateway.storage import LocalFolderStorage
+from broadcaster.hardware import HardwareFilter, HardwareFilterError
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import PROFILES, SelectionConfig
 from settlement.chain import settlement_for
@@ -75,6 +76,11 @@ async def run_gateway(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        hardware = HardwareFilter.parse(args.min_vram, args.gpu)
+    except HardwareFilterError as exc:
+        print(f"stepstream gateway: --min-vram/--gpu: {exc}", file=sys.stderr)
+        return 2
     if args.max_price is None:
         print(
             "stepstream gateway: warning: no --max-price: jobs pay whatever price an "
@@ -91,6 +97,7 @@ async def run_gateway(args: argparse.Namespace) -> int:
         selection=SelectionConfig(weights=PROFILES[args.selection], stakes=stakes),
         policy=FailoverPolicy(max_orchestrators=args.max_orchestrators),
         max_price=args.max_price,
+        hardware=hardware,
     )
     gateway = Gateway(
         runner,

@@ -42,12 +42,16 @@ async def run_orchestrator(args: argparse.Namespace) -> int:
     except (ConfigError, KeyFileError, ChainError) as exc:
         print(f"stepstream orchestrator: {exc}", file=sys.stderr)
         return 2
+    if args.max_queued < 0:
+        print("stepstream orchestrator: --max-queued must not be negative", file=sys.stderr)
+        return 2
     multiplier = args.redeem_cost_multiplier
     config = OrchestratorConfig(
         models=models,
         private_key=key,
         face_value=args.face_value or DEFAULT_FACE_VALUE,
         payment_timeout=args.payment_timeout,
+        max_queued=args.max_queued,
         settlement=settlement,
         winners_db=args.data_dir / f"winners-{address_of(key)}.sqlite",
         redeem_cost_multiplier=DEFAULT_REDEEM_COST_MULTIPLIER if multiplier is None else multiplier,

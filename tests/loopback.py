@@ -28,9 +28,14 @@ from orchestrator.server import Orchestrator, OrchestratorConfig
 from pipelines.loader import LoadedModel
 from protocol.messages import Message, Progress
 from runner.faults import FaultPlan
+from runner.reference import StepClaim
 from runner.server import RunnerConfig, RunnerServer
 
 __all__ = ["FaultPlan", "LoopbackOrchestrator", "WireFaults", "loopback_orchestrator"]
+
+_CLAIMS: dict[int, StepClaim] = {}
+"""Each session model's step, timed once (runner/reference.py): a runner times a model when
+it loads it, and the session's models are loaded once."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,9 @@ async def loopback_orchestrator(
     token = secrets.token_urlsafe(16)
     runner = RunnerServer(RunnerConfig(device="cpu", token=token, faults=plan))
     for model in loaded if preloaded else ():  # else the runner loads them on demand
-        runner.models[model.model_id] = model
+        await runner.adopt(model, _CLAIMS.get(id(model)))
+        if model.model_id in runner.claims:
+            _CLAIMS[id(model)] = runner.claims[model.model_id]
     runner.fired = fired = []
     async with runner.serve("127.0.0.1", 0) as runner_server:
         runner_url = f"ws://127.0.0.1:{runner_server.sockets[0].getsockname()[1]}"

@@ -26,15 +26,18 @@ from protocol.messages import (
     Cancelled,
     Capability,
     Credit,
+    Device,
     Error,
     Hello,
     Info,
+    InfoRequest,
     JobAccepted,
     JobRequest,
     Message,
     Payment,
     Preview,
     Progress,
+    Queued,
     Result,
     ResultFrame,
     ResultImage,
@@ -157,6 +160,33 @@ SAMPLES: list[Message] = [
         frame=ResultImage(image=b"\x89PNG", format="png", width=1024, height=576, seed=3),
     ),
     Status(job_id="job-1", phase="decoding", next_within_ms=2000),
+    InfoRequest(),
+    Queued(job_id="job-1", position=3, estimated_start_ms=12_500, next_within_ms=4000),
+    Info(
+        orchestrator=ADDR,
+        capabilities=(
+            Capability(
+                pipeline="text-to-image",
+                model_id="m",
+                warm=True,
+                capacity=2,
+                in_use=2,
+                price_per_pixel_step=Fraction(1, 3),
+                queued=1,
+                step_seconds=0.031,
+                step_pixels=1024 * 1024,
+            ),
+        ),
+        ticket_params=PARAMS,
+        max_frame_bytes=1 << 20,
+        devices=(
+            Device(
+                name="cuda:0", gpu="NVIDIA H100", vram_total=80 << 30, vram_free=1, models=("m",)
+            ),
+            Device(name="cpu", gpu="cpu"),
+        ),
+        features=("info_request",),
+    ),
 ]
 
 

@@ -19,12 +19,14 @@ from protocol.messages import (
     Error,
     Hello,
     Info,
+    InfoRequest,
     JobAccepted,
     JobRequest,
     Message,
     Payment,
     Preview,
     Progress,
+    Queued,
     Result,
     ResultFrame,
     ResultImage,
@@ -98,6 +100,8 @@ def messages(job_id: str = "job-1") -> dict[type[Message], Message]:
             frame=ResultImage(image=b"png", format="png", width=8, height=8, seed=9),
         ),
         Status: Status(job_id=job_id, phase="decoding", next_within_ms=2000),
+        InfoRequest: InfoRequest(),
+        Queued: Queued(job_id=job_id, position=1, estimated_start_ms=0, next_within_ms=4000),
     }
 
 
@@ -523,3 +527,55 @@ def test_optional_messages_need_their_feature() -> None:
             frame = codec.encode(MSG[ResultFrame])
             with pytest.raises(ProtocolError, match="needs the feature"):
                 pair.b.receive(frame)
+
+
+def test_info_request_between_jobs_needs_its_feature() -> None:
+    """Spec 4.5: `info_request` in `ready`, from a B whose hello listed it, answered by
+    `info`; no job may be sent before that info arrives."""
+    pair = Pair()
+    pair.deliver(MSG[Hello])
+    pair.deliver(MSG[Info])
+    with pytest.raises(ProtocolError, match="needs the feature"):
+        pair.b.send(InfoRequest())
+    _expect(pair.o, codec.encode(InfoRequest()), ErrorCode.UNEXPECTED_MESSAGE)
+
+    pair = Pair()
+    pair.deliver(Hello(sender=ADDR, features=("info_request",)))
+    pair.deliver(MSG[Info])
+    assert InfoRequest in pair.b.can_send()
+    for job_id in ("job-1", "job-2"):
+        pair.deliver(InfoRequest())
+        assert pair.b.state is pair.o.state is State.AWAIT_INFO
+        assert pair.b.can_send() == {Error}
+        pair.deliver(MSG[Info])
+        msg = messages(job_id)
+        pair.deliver(msg[JobRequest])
+        pair.deliver(msg[JobAccepted])
+        with pytest.raises(ProtocolError, match="not allowed in state job_running"):
+            pair.b.send(InfoRequest())
+        pair.deliver(msg[Cancel])
+        pair.deliver(msg[Cancelled])
+    pair.deliver(InfoRequest())
+    _expect(pair.o, codec.encode(MSG[JobRequest]), ErrorCode.UNEXPECTED_MESSAGE)
+
+
+def test_a_job_waits_in_the_queue_before_its_quote_only_for_who_asked() -> None:
+    """Spec 4.6: `queued` in job_requested, to a B that listed `queue`; then the quote, or
+    `cancelled` when B cancels while it waits; never while the job runs."""
+    pair = Pair()
+    pair.deliver(Hello(sender=ADDR, features=("queue",)))
+    pair.deliver(MSG[Info])
+    pair.deliver(MSG[JobRequest])
+    pair.deliver(MSG[Queued])
+    pair.deliver(MSG[Queued])
+    pair.deliver(MSG[Cancel])
+    pair.deliver(MSG[Cancelled])
+    msg = messages("job-2")
+    pair.deliver(msg[JobRequest])
+    pair.deliver(msg[Queued])
+    pair.deliver(msg[JobAccepted])
+    with pytest.raises(ProtocolError, match="not allowed in state job_running"):
+        pair.o.send(msg[Queued])
+    pair = pair_in(State.JOB_REQUESTED)  # a hello without features
+    with pytest.raises(ProtocolError, match="needs the feature"):
+        pair.o.send(MSG[Queued])

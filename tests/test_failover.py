@@ -145,7 +145,7 @@ async def test_gives_up_naming_each_try(tiny_model: object) -> None:
 
 async def test_no_capacity_refusal_does_not_suspend(tiny_model: object) -> None:
     async with (
-        loopback_orchestrator(tiny_model, capacity=1) as busy,
+        loopback_orchestrator(tiny_model, capacity=1, max_queued=0) as busy,  # no queue
         loopback_orchestrator(tiny_model) as free,
     ):
         runner = await runner_trying_first(busy.url, [busy.url, free.url])

@@ -48,6 +48,7 @@ from broadcaster.gateway.requests import (
 )
 from broadcaster.gateway.storage import OutputNotFound, Storage
 from broadcaster.gateway.streams import sse_stream, websocket_stream
+from broadcaster.hardware import HardwareFilter, HardwareFilterError
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +186,28 @@ class Gateway:
         return JSONResponse(body, status_code=200 if reachable else 503)
 
     async def offers(self, request: Request) -> Response:
-        """What the orchestrators offer now: pipelines, models and prices, for model lists."""
+        """What the orchestrators offer now: pipelines, models, prices and hardware, for model
+        lists; `?min_vram=GiB&gpu=PATTERN` narrow it further than the gateway's own flags."""
         max_price: Fraction | None = self.runner.max_price
+        own = self.runner.hardware or HardwareFilter()
+        query = request.query_params
+        try:
+            asked = HardwareFilter.parse(query.get("min_vram"), query.get("gpu"))
+        except HardwareFilterError as exc:
+            raise ApiError(400, "invalid_request", f"min_vram/gpu: {exc}") from None
+        hardware = HardwareFilter(
+            max(own.min_vram_bytes, asked.min_vram_bytes), asked.gpu or own.gpu
+        )
+        statuses = self.runner.discovery.statuses
+        if asked.gpu and own.gpu:  # both patterns must hold
+            statuses = [
+                s for s in statuses if s.info is None or any(own.matches(d) for d in s.info.devices)
+            ]
         return JSONResponse(
             {
-                "offers": offer_list(self.runner.discovery.statuses, max_price),
+                "offers": offer_list(statuses, max_price, hardware),
                 "max_price_per_pixel_step_wei": None if max_price is None else str(max_price),
+                "hardware": hardware.describe(),
             }
         )
 

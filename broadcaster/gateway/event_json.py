@@ -17,7 +17,14 @@ from fractions import Fraction
 from typing import Any
 
 from broadcaster.gateway.hub import JsonEvent
-from protocol.job_events import Accepted, Event, PaymentSent, PreviewFrame, ProgressUpdate
+from protocol.job_events import (
+    Accepted,
+    Event,
+    JobStatus,
+    PaymentSent,
+    PreviewFrame,
+    ProgressUpdate,
+)
 
 
 def wei(amount: Fraction) -> str:
@@ -51,6 +58,13 @@ def event_json(event: Event, earlier: tuple[Fraction, Fraction, int]) -> JsonEve
             "fee_wei": wei(event.fee),
             "window_steps": event.window_steps,
             "seed": event.seed,
+        }
+    if isinstance(event, JobStatus) and event.queue_position is not None:
+        start = event.estimated_start_ms
+        return {
+            "type": "queued",
+            "position": event.queue_position,
+            "estimated_start_seconds": start / 1000 if start else None,
         }
     if isinstance(event, ProgressUpdate):
         rate = event.steps_per_second

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-SUPERSEDING = frozenset({"progress", "preview", "payment"})
+SUPERSEDING = frozenset({"progress", "preview", "payment", "queued"})
 TERMINAL = frozenset({"result", "error"})
 
 JsonEvent = dict[str, Any]

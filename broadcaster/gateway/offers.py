@@ -17,6 +17,7 @@ from typing import Any
 from broadcaster.discovery import Discovery, OrchestratorStatus
 from broadcaster.gateway.errors import ApiError
 from broadcaster.gateway.event_json import wei_rate
+from broadcaster.hardware import GIB, HardwareFilter
 
 
 def offered_model(statuses: list[OrchestratorStatus], pipeline: str, model_id: str) -> str | None:
@@ -35,22 +36,36 @@ def offered_model_ids(statuses: list[OrchestratorStatus]) -> set[str]:
 
 
 def offer_list(
-    statuses: list[OrchestratorStatus], max_price: Fraction | None
+    statuses: list[OrchestratorStatus],
+    max_price: Fraction | None,
+    hardware: HardwareFilter | None = None,
 ) -> list[dict[str, Any]]:
     """What the reachable orchestrators offer, one entry per pipeline and model.
 
     The cheapest price comes first per entry, with how many orchestrators
     offer it (warm ones apart) and whether the gateway's --max-price allows
-    it; orchestrators' URLs are not shown to apps.
+    it; then the hardware they run it on (GPU names, the most VRAM, `cpu`)
+    and the fastest speed claimed (spec 4.5). Only offers on `hardware` count.
+    Orchestrators' URLs are not shown to apps.
     """
     found: dict[tuple[str, str], list[Any]] = {}
     for status in statuses:
         if status.info is None:
             continue
         for cap in status.info.capabilities:
-            found.setdefault((cap.pipeline, cap.model_id), []).append(cap)
+            if hardware is not None and hardware.refusal(status.info, cap) is not None:
+                continue
+            devices = [d for d in status.info.devices if cap.model_id in d.models]
+            found.setdefault((cap.pipeline, cap.model_id), []).append(
+                (cap, devices or list(status.info.devices))
+            )
     offers = []
-    for (pipeline, model_id), caps in found.items():
+    for (pipeline, model_id), entries in found.items():
+        caps = [c for c, _ in entries]
+        devices = [d for _, ds in entries for d in ds]
+        vram = [d.vram_total for d in devices if d.vram_total]
+        claims = [c.claimed_pixel_steps_per_second for c in caps]
+        fastest = max((c for c in claims if c), default=None)
         price = min(c.price_per_pixel_step for c in caps)
         offers.append(
             {
@@ -60,6 +75,11 @@ def offer_list(
                 "orchestrators": len(caps),
                 "warm": sum(1 for c in caps if c.warm),
                 "within_max_price": max_price is None or price <= max_price,
+                "gpus": sorted({d.gpu for d in devices}),
+                "max_vram_gib": round(max(vram) / GIB, 2) if vram else None,
+                "claimed_pixel_steps_per_second": None if fastest is None else round(fastest),
+                "in_use": sum(c.in_use for c in caps),
+                "capacity": sum(c.capacity for c in caps),
             }
         )
     return offers
