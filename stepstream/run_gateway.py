@@ -91,6 +91,7 @@ async def run_gateway(args: argparse.Namespace) -> int:
         selection=SelectionConfig(weights=PROFILES[args.selection], stakes=stakes),
         policy=FailoverPolicy(max_orchestrators=args.max_orchestrators),
         max_price=args.max_price,
+        pool_connections=True,
     )
     gateway = Gateway(
         runner,
@@ -125,5 +126,7 @@ async def run_gateway(args: argparse.Namespace) -> int:
         )
         return 2
     finally:
+        with anyio.CancelScope(shield=True):
+            await runner.aclose()
         metrics.close()
     return 0
