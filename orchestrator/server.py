@@ -39,7 +39,7 @@ from orchestrator.runner_pool import RunnerPool, RunnerSettings, default_runner_
 from protocol.balances import DEFAULT_BALANCE_TTL, SenderBalances
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection, State
-from protocol.credit import first_window_evs, ticket_odds
+from protocol.credit import first_window_odds, ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
     FEATURE_FIRST_PAYMENT,
@@ -362,7 +362,7 @@ class Orchestrator:
             face, min(MAX_UINT256, max(1, DEFAULT_TICKET_EV * MAX_UINT256 // face))
         )
         first = (
-            [issue_params(*ticket_odds(Fraction(ev), face)) for ev in first_window_evs(face)]
+            [issue_params(face_value, win_prob) for face_value, win_prob in first_window_odds(face)]
             if first_payment
             else []
         )

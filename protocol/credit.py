@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cache
 
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.pm import MAX_UINT256
@@ -141,6 +142,13 @@ def first_window_evs(face_value: int) -> list[int]:
         evs.append(FIRST_EV_BASE**k)
         k += 1
     return evs[-MAX_FIRST_PARAMS:]
+
+
+@cache
+def first_window_odds(face_value: int) -> tuple[tuple[int, int], ...]:
+    """(face value, win_prob) of each first-window parameter set: the same for every
+    connection while the face value stands, so worked out once."""
+    return tuple(ticket_odds(Fraction(ev), face_value) for ev in first_window_evs(face_value))
 
 
 @dataclass(frozen=True)
