@@ -18,7 +18,7 @@ import anyio.abc
 from websockets.exceptions import WebSocketException
 
 from broadcaster.session import BroadcasterSession, SessionError
-from protocol.messages import Capability, Info
+from protocol.messages import FEATURE_FIRST_PAYMENT, FEATURES, Capability, Info
 
 DEFAULT_INFO_TIMEOUT = 2.0
 DEFAULT_REFRESH_SECONDS = 60.0
@@ -112,7 +112,13 @@ class Discovery:
         error: str | None = None
         try:
             with anyio.fail_after(self.info_timeout + 1):
-                session = BroadcasterSession(url, self.private_key, open_timeout=self.info_timeout)
+                session = BroadcasterSession(
+                    url,
+                    self.private_key,
+                    open_timeout=self.info_timeout,
+                    # Discovery runs no job: no first-window parameters to issue (8.11).
+                    features=FEATURES - {FEATURE_FIRST_PAYMENT},
+                )
                 async with session:
                     info = session.info
         except SessionError as exc:

@@ -32,6 +32,7 @@ from broadcaster.discovery import Discovery
 from broadcaster.hardware import HardwareFilter
 from broadcaster.job_control import JobControl
 from broadcaster.metrics_store import MetricsStore
+from broadcaster.pool import SessionPool
 from broadcaster.selection import (
     Candidate,
     DeadlineUnmeetable,
@@ -102,6 +103,7 @@ class JobRunner:
         max_price: Fraction | None = None,
         rng: random.Random | None = None,
         hardware: HardwareFilter | None = None,
+        pool_connections: bool = False,
     ) -> None:
         self.discovery = discovery
         self.private_key = private_key
@@ -113,6 +115,22 @@ class JobRunner:
         self.rng = rng or random.Random()
         self.hardware = hardware
         """Only offers on this hardware (spec 4.5: --min-vram, --gpu); None: any."""
+        self.pool = (
+            SessionPool(
+                private_key,
+                max_price=max_price,
+                open_timeout=self.policy.connect_timeout,
+                idle_timeout=math.inf,  # the stall timer of _run_try bounds every wait
+            )
+            if pool_connections
+            else None
+        )
+        """Connections kept per orchestrator between jobs (broadcaster/pool.py), or None."""
+
+    async def aclose(self) -> None:
+        """Close the pooled connections."""
+        if self.pool is not None:
+            await self.pool.aclose()
 
     async def generate(
         self,
@@ -347,15 +365,8 @@ class JobRunner:
         pixels: int,
         control: JobControl,
     ) -> AsyncIterator[Event]:
-        session = BroadcasterSession(
-            attempt.url,
-            self.private_key,
-            max_price=self.max_price,
-            open_timeout=self.policy.connect_timeout,
-            idle_timeout=math.inf,  # the stall timer below bounds every wait
-        )
         try:
-            await session.__aenter__()
+            session = await self._session(attempt.url)
         except SessionError as exc:
             attempt.reason, attempt.detail = "unreachable", str(exc)
             return
@@ -443,7 +454,24 @@ class JobRunner:
                 with anyio.move_on_after(self.policy.close_timeout), contextlib.suppress(Exception):
                     await session.cancel(job_id)
             with anyio.move_on_after(self.policy.close_timeout), contextlib.suppress(Exception):
-                await session.aclose()
+                if self.pool is not None:  # kept for the next job there when it ended cleanly
+                    await self.pool.release(session, clean=attempt.result is not None)
+                else:
+                    await session.aclose()
+
+    async def _session(self, url: str) -> BroadcasterSession:
+        """A session to `url`: pooled, or a new one. Raises SessionError."""
+        if self.pool is not None:
+            return await self.pool.acquire(url)
+        session = BroadcasterSession(
+            url,
+            self.private_key,
+            max_price=self.max_price,
+            open_timeout=self.policy.connect_timeout,
+            idle_timeout=math.inf,  # the stall timer of _run_try bounds every wait
+        )
+        await session.__aenter__()
+        return session
 
     def _observe(self, attempt: Try, event: Event, now: float, sent_at: float) -> bool:
         """Update the try's record from one session event; True when the try has ended."""

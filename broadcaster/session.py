@@ -7,11 +7,19 @@
 The session only moves messages: every rule of a job (the quote's checks,
 when to pay and how much, what the caller is told) is decided by
 protocol/broadcaster_job.py, so at most about one window is ever at risk.
+
+A session runs its jobs one after another on one connection, and pays each
+job's first window with the `job` itself when the orchestrator issued
+first-window parameters (spec 8.11), so a job's first step waits for no
+round trip. When the orchestrator closed the connection for idling (3.5),
+the next job opens a fresh one, and a job that crossed the close on the wire
+is sent again there: neither is a failed job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,9 +28,10 @@ from fractions import Fraction
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State as WsState
 
 from pipelines.errors import InvalidRequest
-from pipelines.requests import output_shape
+from pipelines.requests import OutputShape, output_shape, planned_steps
 from protocol.broadcaster_job import (
     BroadcasterJob,
     Emit,
@@ -32,7 +41,8 @@ from protocol.broadcaster_job import (
     check_offer,
 )
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES, check
-from protocol.connection import Connection
+from protocol.connection import Connection, State
+from protocol.credit import AttachPlan, plan_first_payment
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.job_events import Event, JobError
 from protocol.messages import (
@@ -41,6 +51,7 @@ from protocol.messages import (
     Cancel,
     Capability,
     Error,
+    FirstPayment,
     Hello,
     Info,
     InfoRequest,
@@ -50,7 +61,21 @@ from protocol.messages import (
     ResumeFrom,
     Role,
 )
+from protocol.pm import ticket_ev
 from protocol.sender import TicketSender
+
+FIRST_PARAMS_MAX_AGE = 120.0
+"""Seconds after `info` that B pays a first window with its parameters: well inside their
+validity (40 blocks, spec 8.2), so they never expire on the way (8.11)."""
+
+
+def _closed_idle(message: Message) -> bool:
+    """O ended the connection for idling (3.5): a job sent meanwhile never reached it."""
+    return (
+        isinstance(message, Error)
+        and message.job_id is None
+        and message.code == ErrorCode.IDLE_TIMEOUT.value
+    )
 
 
 class SessionError(Exception):
@@ -74,6 +99,7 @@ class BroadcasterSession:
         idle_timeout: float = 60.0,
         open_timeout: float = 10.0,
         lead_steps: int = 1,
+        features: frozenset[str] = FEATURES,
     ) -> None:
         self.url = url
         self.sender = TicketSender(private_key)
@@ -81,13 +107,29 @@ class BroadcasterSession:
         self.idle_timeout = idle_timeout
         self.open_timeout = open_timeout
         self.lead_steps = lead_steps
+        self.features = features
+        """What the hello lists (spec 12.1); without `first_payment` every job waits for its
+        quote before paying, as a v0.1 client does."""
         self.info: Info | None = None
+        self.connections = 0
+        """WebSockets opened so far: one, unless the orchestrator closed an idle one (3.5)."""
         self._ws: ClientConnection | None = None
         self._conn = Connection(Role.BROADCASTER)
         self._lock = anyio.Lock()
         self._jobs: dict[str, BroadcasterJob] = {}
+        self._info_at = 0.0
+        self._jobs_here = 0
+        """Jobs sent on the current connection."""
 
     async def __aenter__(self) -> BroadcasterSession:
+        await self._open()
+        return self
+
+    async def _open(self) -> None:
+        """Connect, say hello and read `info`; raises SessionError."""
+        await self.aclose()
+        self._conn = Connection(Role.BROADCASTER)
+        self._jobs_here = 0
         try:
             with anyio.fail_after(self.open_timeout):
                 self._ws = await connect(
@@ -96,7 +138,7 @@ class BroadcasterSession:
                 hello = Hello(
                     sender=self.sender.address_bytes,
                     agent="stepstream/0.2",
-                    features=tuple(sorted(FEATURES)),
+                    features=tuple(sorted(self.features)),
                 )
                 await self._send(hello)
                 info = await self._receive()
@@ -115,7 +157,18 @@ class BroadcasterSession:
             await self.aclose()
             raise SessionError(ErrorCode.UNEXPECTED_MESSAGE, f"expected info, got {info.TYPE}")
         self.info = info
-        return self
+        self._info_at = time.monotonic()
+        self.connections += 1
+
+    @property
+    def reusable(self) -> bool:
+        """Open, between jobs, and not failed: the next job can go on this connection."""
+        return (
+            self._ws is not None
+            and self._ws.state is WsState.OPEN
+            and self._conn.state is State.READY
+            and not self._jobs
+        )
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
@@ -219,44 +272,90 @@ class BroadcasterSession:
             yield JobError(job_id=job_id, code=ErrorCode.INVALID_REQUEST.value, message=str(exc))
             return
         assert capability is not None
-        job = self.job_type(
-            request,
-            capability,
-            self.info.orchestrator,
-            pixels_per_step=shape.pixels_per_step,
-            now=time.monotonic(),
-            max_price=self.max_price,
-            lead_steps=self.lead_steps,
-            output_size=(shape.width, shape.height),
-        )
-        self._jobs[job_id] = job
-        try:
-            await self._send(request)
-            while not job.ended:
-                message = await self._receive()
-                for out in job.on_message(message, time.monotonic()):
-                    if isinstance(out, Emit):
-                        yield out.event
-                    else:
-                        await self._perform(job, out)
-                for out in job.payments():  # after the caller saw the events (a cancel)
-                    if isinstance(out, Emit):
-                        yield out.event
-                    else:
-                        await self._perform(job, out)
-        except ProtocolError as err:
-            await self._fail(err)
-            for out in job.fail(err.code, err.message):
-                yield out.event  # type: ignore[union-attr]
-        except TimeoutError:
-            why = f"no message from the orchestrator for {self.idle_timeout:g} s"
-            for out in job.fail(ErrorCode.INTERNAL_ERROR, why):
-                yield out.event  # type: ignore[union-attr]
-        except ConnectionClosed as exc:
-            for out in job.fail(ErrorCode.INTERNAL_ERROR, f"connection closed: {exc}"):
-                yield out.event  # type: ignore[union-attr]
-        finally:
-            self._jobs.pop(job_id, None)
+        for attempt in range(2):
+            # S7: a job id must differ from the previous job's on one connection.
+            if not self.reusable or self._conn.job_id == job_id:
+                try:
+                    await self._open()  # O closed the idle connection (3.5): a fresh one
+                except SessionError as exc:
+                    yield JobError(job_id=job_id, code=exc.code.value, message=str(exc))
+                    return
+                capability = self.capability(pipeline, model_id) or capability
+            # O may close a connection that idled between jobs just as this job goes out;
+            # then the job never reached it and goes again, once, on a fresh connection.
+            retry_if_idle = attempt == 0 and self._jobs_here > 0
+            first_payment, plan = self._first_payment(request, capability, shape)
+            job = self.job_type(
+                request,
+                capability,
+                self.info.orchestrator,
+                pixels_per_step=shape.pixels_per_step,
+                now=time.monotonic(),
+                max_price=self.max_price,
+                lead_steps=self.lead_steps,
+                output_size=(shape.width, shape.height),
+                attached=plan,
+            )
+            self._jobs[job_id] = job
+            heard = False
+            try:
+                self._jobs_here += 1
+                await self._send(dataclasses.replace(request, first_payment=first_payment))
+                while not job.ended:
+                    message = await self._receive()
+                    if not heard and _closed_idle(message) and retry_if_idle:
+                        break
+                    heard = True
+                    for out in job.on_message(message, time.monotonic()):
+                        if isinstance(out, Emit):
+                            yield out.event
+                        else:
+                            await self._perform(job, out)
+                    for out in job.payments():  # after the caller saw the events (a cancel)
+                        if isinstance(out, Emit):
+                            yield out.event
+                        else:
+                            await self._perform(job, out)
+            except ProtocolError as err:
+                await self._fail(err)
+                for out in job.fail(err.code, err.message):
+                    yield out.event  # type: ignore[union-attr]
+            except TimeoutError:
+                why = f"no message from the orchestrator for {self.idle_timeout:g} s"
+                for out in job.fail(ErrorCode.INTERNAL_ERROR, why):
+                    yield out.event  # type: ignore[union-attr]
+            except ConnectionClosed as exc:
+                if not (retry_if_idle and not heard):
+                    for out in job.fail(ErrorCode.INTERNAL_ERROR, f"connection closed: {exc}"):
+                        yield out.event  # type: ignore[union-attr]
+            finally:
+                self._jobs.pop(job_id, None)
+            if job.ended:
+                return
+            await self.aclose()
+
+    def _first_payment(
+        self, request: JobRequest, capability: Capability, shape: OutputShape
+    ) -> tuple[FirstPayment | None, AttachPlan | None]:
+        """The first window's tickets to send with the job (spec 8.11), when O issued
+        first-window parameters on this connection that are fresh and fit the window."""
+        info = self.info
+        if info is None or not info.first_params or request.resume is not None:
+            return None, None
+        if time.monotonic() - self._info_at > FIRST_PARAMS_MAX_AGE:
+            return None, None
+        steps = planned_steps(request.params)
+        fee_per_step = capability.price_per_pixel_step * shape.pixels_per_step
+        window = fee_per_step * min(request.preview_every, steps)
+        evs = [ticket_ev(p.face_value, p.win_prob) for p in info.first_params]
+        plan = plan_first_payment(evs, window)
+        if plan is None:
+            return None, None
+        params = info.first_params[plan.index]
+        if params.recipient != info.orchestrator:
+            return None, None
+        payment = self.sender.pay(request.job_id, params, plan.tickets)
+        return FirstPayment(ticket_params=params, tickets=payment.tickets), plan
 
     async def _perform(
         self, job: BroadcasterJob, out: SendPayment | SendCancel | EndConnection

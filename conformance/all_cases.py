@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conformance import (
     cases_credit,
+    cases_first_payment,
     cases_framing,
     cases_jobs,
     cases_lifecycle,
@@ -20,6 +21,7 @@ for module in (
     cases_states,
     cases_jobs,
     cases_credit,
+    cases_first_payment,
     cases_tickets,
     cases_lifecycle,
     cases_offers,

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -32,8 +33,10 @@ from pipelines.errors import InvalidRequest
 from pipelines.requests import output_shape, planned_steps
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection, State
+from protocol.credit import first_window_evs, ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
+    FEATURE_FIRST_PAYMENT,
     Cancel,
     Capability,
     Error,
@@ -43,6 +46,7 @@ from protocol.messages import (
     Message,
     Payment,
     Role,
+    TicketParams,
     error_message,
 )
 from protocol.pm import MAX_UINT256, address_of
@@ -116,11 +120,22 @@ class ConformanceOrchestrator:
 
     # ------------------------------------------------------------ connections
 
-    def _info(self, sender: bytes) -> Info:
+    def _info(self, sender: bytes, features: frozenset[str] = frozenset()) -> Info:
+        """The advertisement; first-window parameters (8.11) when B asked for them and the
+        case its next job gets wants them."""
         face = 10**15
+        block = offchain_block()
         general = self.recipient.issue_params(
-            sender, face, 8 * 10**9 * MAX_UINT256 // face, offchain_block(), bytes(16)
+            sender, face, 8 * 10**9 * MAX_UINT256 // face, block, bytes(16)
         )
+        first: list[TicketParams] = []
+        if FEATURE_FIRST_PAYMENT in features and self.pending and self.pending[0].first_window:
+            first = [
+                self.recipient.issue_params(
+                    sender, *ticket_odds(Fraction(ev), face), block, secrets.token_bytes(16)
+                )
+                for ev in first_window_evs(face)
+            ]
         caps = tuple(
             Capability(pipeline, model, True, 8, 0, self.options.price)
             for model in self.options.models
@@ -132,6 +147,7 @@ class ConformanceOrchestrator:
             ticket_params=general,
             max_frame_bytes=DEFAULT_MAX_FRAME_BYTES,
             agent="stepstream-conformance/0.2",
+            first_params=tuple(first),
         )
 
     async def handle(self, ws: ServerConnection) -> None:
@@ -139,6 +155,7 @@ class ConformanceOrchestrator:
         lock = anyio.Lock()
         current: list[tuple[ServedJob, _Running]] = []
         sender = bytes(20)
+        first_seeds: set[bytes] = set()
 
         async def send(message: Message) -> None:
             async with lock:
@@ -165,12 +182,22 @@ class ConformanceOrchestrator:
                         break
                     if isinstance(message, Hello):
                         sender = message.sender
-                        await send(self._info(sender))
+                        info = self._info(sender, conn.features)
+                        first_seeds = {p.seed for p in info.first_params}
+                        await send(info)
                     elif isinstance(message, JobRequest):
                         for _, running in current:
                             running.record.next_job_at = time.monotonic()
                             running.record.notify()
                         job = await self._admit(message, sender, send)
+                        if job is not None and message.first_payment is not None:
+                            attached = Payment(
+                                job_id=message.job_id,
+                                sender=sender,
+                                ticket_params=message.first_payment.ticket_params,
+                                tickets=message.first_payment.tickets,
+                            )
+                            job[0].take_first(attached, offchain_block(), first_seeds)
                         if job is not None:
                             current.append(job)
                             tg.start_soon(self._run_case, *job)

@@ -8,6 +8,7 @@ paid too early, paid too much, paid a bad quote, kept paying after a stall...
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,14 +29,22 @@ class ServeCase:
     title: str
     script: Callable[[ServedJob, Any], Awaitable[None]]
     judge: Callable[[JobRecord, Any], Judgement]
+    first_window: bool = False
+    """The orchestrator issues first-window parameters (spec 8.11) on the case's connection."""
 
 
 SERVE_CASES: list[ServeCase] = []
 
 
-def serve_case(name: str, *ids: str, title: str, judge: Callable[[JobRecord, Any], Judgement]):
+def serve_case(
+    name: str,
+    *ids: str,
+    title: str,
+    judge: Callable[[JobRecord, Any], Judgement],
+    first_window: bool = False,
+):
     def register(script: Callable[[ServedJob, Any], Awaitable[None]]):
-        SERVE_CASES.append(ServeCase(name, ids, title, script, judge))
+        SERVE_CASES.append(ServeCase(name, ids, title, script, judge, first_window))
         return script
 
     return register
@@ -127,6 +136,41 @@ async def carried(job: ServedJob, options: Any) -> None:
     await job.steps(1, r.steps)
     await job.finish()
     await job.observe(options.observe)
+
+
+def judge_first_window(r: JobRecord, options: Any) -> Judgement:
+    attached = [p for p in r.payments if p.attached]
+    if not attached:
+        return Verdict.SKIP, "the broadcaster attached no payment to its job (8.11 is optional)"
+    first = attached[0]
+    window = r.f * min(r.window, r.steps)
+    most = math.ceil(window / first.ticket_ev)
+    if first.ticket_ev >= window + 1:
+        return Verdict.FAIL, (
+            f"attached tickets of {_wei(first.ticket_ev)} each, dearer than the window's"
+            f" fee {_wei(window)}"
+        )
+    if first.tickets > most:
+        return Verdict.FAIL, (
+            f"attached {first.tickets} tickets of {_wei(first.ticket_ev)}: the window's fee"
+            f" {_wei(window)} takes {most}"
+        )
+    verdict, detail = judge_exposure(r, options)
+    if verdict is not Verdict.PASS:
+        return verdict, detail
+    return Verdict.PASS, f"{first.tickets} ticket(s) of {_wei(first.ticket_ev)} with the job"
+
+
+@serve_case(
+    "C9-first-window-attached-within-a-window",
+    "C9",
+    "C3",
+    title="the job's attached first window: parameters no dearer than a window, ceil(W/EV)",
+    judge=judge_first_window,
+    first_window=True,
+)
+async def first_window(job: ServedJob, options: Any) -> None:
+    await honest(job, options)
 
 
 # ------------------------------------------------------------ quotes to refuse

@@ -39,7 +39,7 @@ from protocol.messages import (
     error_message,
 )
 from protocol.pm import MAX_UINT256, ticket_ev
-from protocol.recipient import Recipient
+from protocol.recipient import PaymentReceipt, Recipient
 
 FACE_VALUE = 10**15
 
@@ -57,6 +57,8 @@ class PaymentSeen:
     seed: bytes
     refused: str | None
     """The first ticket check that failed (spec 8.4), or None."""
+    attached: bool = False
+    """Came with the `job` (spec 8.11)."""
 
 
 @dataclass
@@ -159,6 +161,8 @@ class ServedJob:
         self.current_block = current_block
         self.payment_timeout = payment_timeout
         self.quote: JobAccepted | None = None
+        self._first: tuple[int, int] | None = None
+        """(tickets accepted, winners) of the payment the job came with, to credit (8.11)."""
 
     # ------------------------------------------------------------ parameters
 
@@ -213,6 +217,9 @@ class ServedJob:
         )
         self.quote = quote
         await self.send(quote)
+        if self._first is not None:  # the attached payment's credit follows the quote (K18)
+            accepted, winners = self._first
+            await self.send(Credit(self.job_id, r.paid, r.covered, accepted, winners))
         return quote
 
     async def wait_paid(self, steps: int, timeout: float | None = None) -> bool:
@@ -319,11 +326,32 @@ class ServedJob:
 
     # ------------------------------------------------------------- payments
 
+    def take_first(self, payment: Payment, block: int, first_seeds: set[bytes]) -> None:
+        """Check and record the payment the job came with (spec 8.11), against the
+        connection's first-window parameters; `accept` then credits it."""
+        receipt = self.recipient.receive(payment, block, job_seeds=first_seeds)
+        self._record(payment, receipt, attached=True)
+        if receipt.error is None:
+            self._first = (receipt.accepted, len(receipt.winners))
+
     def take(self, payment: Payment, block: int) -> Credit | None:
         """Check a payment (spec 8.4, against this job's parameters) and record it; the
         `credit` to answer it with while the job runs (C5)."""
         r = self.record
         receipt = self.recipient.receive(payment, block, job_seeds=set(r.issued))
+        self._record(payment, receipt)
+        if r.ended:
+            return None
+        return Credit(
+            job_id=self.job_id,
+            credit=r.paid,
+            covered_steps=r.covered,
+            tickets_accepted=receipt.accepted,
+            winners=len(receipt.winners),
+        )
+
+    def _record(self, payment: Payment, receipt: PaymentReceipt, attached: bool = False) -> None:
+        r = self.record
         tp = payment.ticket_params
         r.payments.append(
             PaymentSeen(
@@ -334,18 +362,10 @@ class ServedJob:
                 ticket_ev=ticket_ev(tp.face_value, tp.win_prob),
                 seed=tp.seed,
                 refused=receipt.error.code.value if receipt.error else None,
+                attached=attached,
             )
         )
         r.notify()
-        if r.ended:
-            return None
-        return Credit(
-            job_id=self.job_id,
-            credit=r.paid,
-            covered_steps=r.covered,
-            tickets_accepted=receipt.accepted,
-            winners=len(receipt.winners),
-        )
 
 
 def _png(width: int, height: int) -> bytes:

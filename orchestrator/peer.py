@@ -24,6 +24,8 @@ class Peer:
         self.conn = conn
         self.sender = bytes(20)
         """The broadcaster's payment address, from its hello."""
+        self.first_seeds: frozenset[bytes] = frozenset()
+        """Seeds of the first-window parameters this connection's `info` issued (spec 8.11)."""
         self._lock = anyio.Lock()
 
     def decode(self, frame: bytes | str) -> Message:

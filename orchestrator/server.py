@@ -39,10 +39,11 @@ from orchestrator.runner_pool import RunnerPool, RunnerSettings, default_runner_
 from protocol.balances import DEFAULT_BALANCE_TTL, SenderBalances
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection, State
-from protocol.credit import ticket_odds
+from protocol.credit import first_window_odds, ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.job_context import current_job_id
 from protocol.messages import (
+    FEATURE_FIRST_PAYMENT,
     FEATURE_INFO_REQUEST,
     FEATURE_QUEUE,
     FEATURE_RESULT_FRAMES,
@@ -334,9 +335,9 @@ class Orchestrator:
         peer = link.peer
         if isinstance(message, Hello):
             peer.sender = message.sender
-            await peer.send(await self._info(message.sender))
+            await self._send_info(peer)
         elif isinstance(message, InfoRequest):
-            await peer.send(await self._info(peer.sender))
+            await self._send_info(peer)
         elif isinstance(message, JobRequest):
             driver = await self._admit(peer, message)
             if driver is not None:
@@ -355,17 +356,38 @@ class Orchestrator:
                 return False
         return True
 
-    async def _info(self, sender: bytes) -> Info:
+    async def _send_info(self, peer: Peer) -> None:
+        """`info` for a hello or an info_request; its first-window parameters (if any)
+        replace the connection's earlier ones (spec 8.11)."""
+        info = await self._info(peer.sender, FEATURE_FIRST_PAYMENT in peer.conn.features)
+        peer.first_seeds = frozenset(p.seed for p in info.first_params)
+        await peer.send(info)
+
+    async def _info(self, sender: bytes, first_payment: bool = False) -> Info:
+        """The advertisement; with `first_payment`, also the parameters that pay the first
+        window of this connection's jobs, one-ticket EVs a factor of 4 apart (spec 8.11)."""
         face = await self.face_value()
         issue = await anyio.to_thread.run_sync(self.settlement.issue_round)
-        params = self.recipient.issue_params(
-            sender,
-            face,
-            min(MAX_UINT256, max(1, DEFAULT_TICKET_EV * MAX_UINT256 // face)),
-            await self.current_block(),
-            secrets.token_bytes(16),
-            issue.round,
-            issue.block_hash,
+        block = await self.current_block()
+
+        def issue_params(face_value: int, win_prob: int) -> TicketParams:
+            return self.recipient.issue_params(
+                sender,
+                face_value,
+                win_prob,
+                block,
+                secrets.token_bytes(16),
+                issue.round,
+                issue.block_hash,
+            )
+
+        params = issue_params(
+            face, min(MAX_UINT256, max(1, DEFAULT_TICKET_EV * MAX_UINT256 // face))
+        )
+        first = (
+            [issue_params(face_value, win_prob) for face_value, win_prob in first_window_odds(face)]
+            if first_payment
+            else []
         )
         return Info(
             orchestrator=self._address_bytes,
@@ -375,6 +397,7 @@ class Orchestrator:
             agent="stepstream-orchestrator/0.1",
             devices=tuple(self.runners.devices()),
             features=(FEATURE_INFO_REQUEST,),
+            first_params=tuple(first),
         )
 
     # ------------------------------------------------------------ admission
@@ -419,6 +442,11 @@ class Orchestrator:
             err = ProtocolError(ErrorCode.INTERNAL_ERROR, f"chain unavailable: {exc}")
             await self._refuse(peer, req, err)
             return None
+        first = await self._first_payment(peer, req)
+        if isinstance(first, ProtocolError):
+            slot.release()
+            await self._refuse(peer, req, first)
+            return None
         seed = req.params.seed if req.params.seed is not None else secrets.randbits(32)
         job_fee = price * shape.pixels_per_step * steps
         # Taken without an await before the quote goes out: two jobs of one sender
@@ -441,6 +469,8 @@ class Orchestrator:
             runner_job_id=runner_job_id,
             features=features,
         )
+        if first is not None:
+            job.prepay(first)  # granted with the job and acknowledged after `accepted`
         try:
             await peer.send(quote)
         except BaseException:
@@ -450,6 +480,30 @@ class Orchestrator:
         self.stats.jobs_accepted += 1
         log.info("job %s accepted: %d steps, fee %.0f wei", req.job_id, steps, quote.fee)
         return JobDriver(job, peer, runner, _Host(self, slot, peer.sender))
+
+    async def _first_payment(
+        self, peer: Peer, req: JobRequest
+    ) -> PaymentInput | ProtocolError | None:
+        """Check the payment attached to an admitted job against the connection's first-window
+        parameters (spec 8.11): its credit, or the refusal (K2's code) that ends the job
+        before it starts, the EV of the tickets before the faulty one kept as the sender's
+        balance (7.5); None when the job came without one."""
+        attached = req.first_payment
+        if attached is None:
+            return None
+        payment = Payment(
+            job_id=req.job_id,
+            sender=peer.sender,
+            ticket_params=attached.ticket_params,
+            tickets=attached.tickets,
+        )
+        receipt = await self._receive_tickets(payment, peer.first_seeds)
+        self._count_tickets(receipt)
+        if receipt.error is not None:
+            log.info("job %s: attached payment refused: %s", req.job_id, receipt.error)
+            self.balances.put(peer.sender, receipt.ev, time.monotonic())
+            return receipt.error
+        return PaymentInput(receipt.ev, receipt.accepted, len(receipt.winners))
 
     async def _loading(self, peer: Peer, req: JobRequest, slot: ModelSlot) -> RunnerClient:
         """The slot's runner; while a cold model loads, B hears `status` every few seconds
@@ -604,6 +658,18 @@ class Orchestrator:
         # The job it names: running, or (a late payment, spec 5.3) the one that just ended.
         named = link.driver if link.driver and link.driver.job.job_id == payment.job_id else None
         receipt = await self._receive_tickets(payment, named.job.issued_seeds if named else set())
+        self._count_tickets(receipt)
+        driver = link.live_job(payment.job_id)
+        if driver is None:
+            log.info("payment for ended job %s: %d tickets kept", payment.job_id, receipt.accepted)
+            return
+        if receipt.error is not None:
+            log.info("job %s: payment refused: %s", payment.job_id, receipt.error)
+        driver.payment(
+            PaymentInput(receipt.ev, receipt.accepted, len(receipt.winners), receipt.error)
+        )
+
+    def _count_tickets(self, receipt: PaymentReceipt) -> None:
         self.stats.tickets_received += receipt.accepted
         self.stats.ev_received += receipt.ev
         self.metrics.tickets_received.inc(receipt.accepted)
@@ -616,15 +682,6 @@ class Orchestrator:
                 winner.ticket.face_value,
             )
             self.stats.winners.append(winner)
-        driver = link.live_job(payment.job_id)
-        if driver is None:
-            log.info("payment for ended job %s: %d tickets kept", payment.job_id, receipt.accepted)
-            return
-        if receipt.error is not None:
-            log.info("job %s: payment refused: %s", payment.job_id, receipt.error)
-        driver.payment(
-            PaymentInput(receipt.ev, receipt.accepted, len(receipt.winners), receipt.error)
-        )
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
 
-from protocol.credit import PaymentSchedule, ev_fits_window
+from protocol.credit import AttachPlan, PaymentSchedule, ev_fits_window
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.job_events import (
     Accepted,
@@ -127,6 +127,7 @@ class BroadcasterJob:
         max_price: Fraction | None = None,
         lead_steps: int = 1,
         output_size: tuple[int, int] | None = None,
+        attached: AttachPlan | None = None,
     ) -> None:
         self.request = request
         self.job_id = request.job_id
@@ -138,6 +139,8 @@ class BroadcasterJob:
         self.lead_steps = lead_steps
         self.output_size = output_size
         """(width, height) every result image must have (spec 6.1); None: not checked."""
+        self.attached = attached
+        """The first window's tickets that went with the `job` (spec 8.11), paid already."""
         self.phase = Phase.REQUESTED
         self.quote: JobAccepted | None = None
         self.ticket_params: TicketParams | None = None
@@ -258,14 +261,17 @@ class BroadcasterJob:
             return self._refuse(problem)
         self.quote, self.ticket_params = quote, quote.ticket_params
         self.phase = Phase.RUNNING
+        attached = self.attached
         self.schedule = PaymentSchedule(
             fee_per_step=quote.fee / quote.steps,
             total_steps=quote.steps,
             window_steps=quote.window_steps,
             ticket_ev=ticket_ev(quote.ticket_params.face_value, quote.ticket_params.win_prob),
             lead_steps=self.lead_steps,
-            # What earlier jobs left at this orchestrator counts as paid (spec 7.5).
-            paid=quote.credit,
+            # What earlier jobs left at this orchestrator counts as paid (spec 7.5), and
+            # so do the tickets that came with the job (8.11).
+            paid=quote.credit + (attached.ev if attached else 0),
+            tickets_sent=attached.tickets if attached else 0,
         )
         self.rate.observe(now, 0)
         accepted = Accepted(
@@ -279,7 +285,16 @@ class BroadcasterJob:
             credit=quote.credit,
         )
         self._delivered = 0
-        return [Emit(accepted)]
+        if attached is None:
+            return [Emit(accepted)]
+        sent = PaymentSent(
+            job_id=self.job_id,
+            tickets=attached.tickets,
+            tickets_total=attached.tickets,
+            ev_paid=self.paid_here,
+            fee=quote.fee,
+        )
+        return [Emit(accepted), Emit(sent)]
 
     def _progress(self, progress: Progress, now: float) -> list[JobOutput]:
         quote = self.quote

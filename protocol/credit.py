@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cache
 
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.pm import MAX_UINT256
@@ -121,3 +122,56 @@ def ticket_odds(window_fee: Fraction, face_value: int) -> tuple[int, int]:
 def ev_fits_window(ev: Fraction, window_fee: Fraction) -> bool:
     """Whether a ticket is no dearer than a window, allowing ticket_odds' rounding."""
     return ev < window_fee + 1
+
+
+FIRST_EV_BASE = 4
+FIRST_EV_MIN_EXPONENT = 10
+"""First-window parameters (spec 8.11) have one-ticket EVs of 4^k wei, k from 10 (about
+10^6 wei) up: any window then takes at most 4 tickets of the largest set that fits it."""
+MAX_FIRST_PARAMS = 16
+MAX_ATTACHED_TICKETS = 16
+"""B attaches at most this many tickets to a job; a window that needs more pays after
+`accepted` as before (spec 8.11)."""
+
+
+def first_window_evs(face_value: int) -> list[int]:
+    """The one-ticket EVs of a connection's first-window parameters: powers of 4 up to the
+    face value (a ticket is worth at most its face), the largest MAX_FIRST_PARAMS of them."""
+    evs, k = [], FIRST_EV_MIN_EXPONENT
+    while FIRST_EV_BASE**k <= face_value:
+        evs.append(FIRST_EV_BASE**k)
+        k += 1
+    return evs[-MAX_FIRST_PARAMS:]
+
+
+@cache
+def first_window_odds(face_value: int) -> tuple[tuple[int, int], ...]:
+    """(face value, win_prob) of each first-window parameter set: the same for every
+    connection while the face value stands, so worked out once."""
+    return tuple(ticket_odds(Fraction(ev), face_value) for ev in first_window_evs(face_value))
+
+
+@dataclass(frozen=True)
+class AttachPlan:
+    """Which first-window parameters pay a job's first window, and with how many tickets."""
+
+    index: int
+    """Position of the parameters in `info.first_params`."""
+    tickets: int
+    ev: Fraction
+    """EV of the attached tickets together: the window's fee, up to one ticket more."""
+
+
+def plan_first_payment(first_evs: list[Fraction], window_fee: Fraction) -> AttachPlan | None:
+    """The fewest tickets, of parameters no dearer than the window (K15's rule), that pay
+    `window_fee`; None when none fits or it takes more than MAX_ATTACHED_TICKETS."""
+    if window_fee <= 0:
+        return None
+    best: AttachPlan | None = None
+    for index, ev in enumerate(first_evs):
+        if ev <= 0 or not ev_fits_window(ev, window_fee):
+            continue
+        count = math.ceil(window_fee / ev)
+        if count <= MAX_ATTACHED_TICKETS and (best is None or count < best.tickets):
+            best = AttachPlan(index, count, count * ev)
+    return best

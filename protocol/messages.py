@@ -219,6 +219,15 @@ class SignedTicket:
 
 
 @dataclass(frozen=True)
+class FirstPayment:
+    """The first window's tickets, attached to a `job` (feature `first_payment`, spec 8.11)."""
+
+    ticket_params: TicketParams
+    """One of the connection's first-window parameters (`info.first_params`)."""
+    tickets: Annotated[tuple[SignedTicket, ...], Items(1, 1024)]
+
+
+@dataclass(frozen=True)
 class ResultImage:
     image: Annotated[bytes, Bin(1, MAX_IMAGE_BYTES)]
     format: Name
@@ -258,6 +267,9 @@ class Info(Message):
     """The devices of O's live runners (spec 4.5)."""
     features: Annotated[tuple[Name, ...], Items(0, 32), Added()] = ()
     """Optional messages O accepts from B (spec 12.1): `info_request`."""
+    first_params: Annotated[tuple[TicketParams, ...], Items(0, 16), Added()] = ()
+    """Parameters for the first window of this connection's jobs, one-ticket EVs a factor
+    of 4 apart (feature `first_payment`, spec 8.11); empty unless hello listed the feature."""
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,8 @@ class JobRequest(Message):
     want_latents: Annotated[bool, Added()] = False
     """Ask previews to carry the latents, so the job can be resumed elsewhere (spec 15)."""
     resume: Annotated[ResumeFrom | None, Added()] = None
+    first_payment: Annotated[FirstPayment | None, Added()] = None
+    """The first window's payment, made against `info.first_params` (spec 8.11)."""
 
 
 @dataclass(frozen=True)
@@ -491,5 +505,15 @@ FEATURE_RESULT_FRAMES = "result_frames"
 FEATURE_STATUS = "status"
 FEATURE_INFO_REQUEST = "info_request"
 FEATURE_QUEUE = "queue"
-FEATURES = frozenset({FEATURE_RESULT_FRAMES, FEATURE_STATUS, FEATURE_INFO_REQUEST, FEATURE_QUEUE})
-"""The optional message types of this revision, by the name `hello.features` lists."""
+FEATURE_FIRST_PAYMENT = "first_payment"
+FEATURES = frozenset(
+    {
+        FEATURE_RESULT_FRAMES,
+        FEATURE_STATUS,
+        FEATURE_INFO_REQUEST,
+        FEATURE_QUEUE,
+        FEATURE_FIRST_PAYMENT,
+    }
+)
+"""The features of this revision (spec 12.1), by the name `hello.features` lists: optional
+message types, and (first_payment) fields O fills only for a B that asked."""

@@ -212,17 +212,36 @@ class OrchestratorJob:
         self._waiting_for: int | None = None
         self._fresh_params: TicketParams | None = None
         self._started = False
+        self._first_credit: Credit | None = None
 
     # ------------------------------------------------------------------ inputs
 
+    def prepay(self, payment: PaymentInput) -> None:
+        """Credit the payment that came with the `job` (spec 8.11), checked once the quote
+        was fixed: `start` grants what it covers and acknowledges it after `accepted`."""
+        if self._started or self._first_credit is not None or payment.error is not None:
+            raise ValueError("only a clean attached payment, once, before start")
+        self.ledger.add(payment.ev)
+        self._first_credit = Credit(
+            job_id=self.job_id,
+            credit=self.ledger.credit,
+            covered_steps=self.ledger.covered_steps,
+            tickets_accepted=payment.accepted,
+            winners=payment.winners,
+        )
+
     def start(self, now: float) -> list[JobOutput]:
-        """Send the job to its runner, with whatever credit already covers."""
+        """Send the job to its runner, granted whatever credit already covers (the balance
+        carried, an attached payment), then acknowledge an attached payment (C5, P9)."""
         if self._started or self.phase is not Phase.RUNNING:
             return []
         self._started = True
         self.granted = self.ledger.covered_steps
         run = Run(dataclasses.replace(self.request, job_id=self.runner_job_id), self.quote.seed)
-        return [ToRunner(dataclasses.replace(run, granted=self.granted))]
+        out: list[JobOutput] = [ToRunner(dataclasses.replace(run, granted=self.granted))]
+        if self._first_credit is not None:
+            out.append(ToBroadcaster(self._first_credit))
+        return out
 
     def on_payment(self, payment: PaymentInput, now: float) -> list[JobOutput]:
         """Credit a payment's EV: acknowledge it, grant what it covers, or stop on a fault."""

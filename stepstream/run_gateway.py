@@ -98,6 +98,7 @@ async def run_gateway(args: argparse.Namespace) -> int:
         policy=FailoverPolicy(max_orchestrators=args.max_orchestrators),
         max_price=args.max_price,
         hardware=hardware,
+        pool_connections=True,
     )
     gateway = Gateway(
         runner,
@@ -132,5 +133,7 @@ async def run_gateway(args: argparse.Namespace) -> int:
         )
         return 2
     finally:
+        with anyio.CancelScope(shield=True):
+            await runner.aclose()
         metrics.close()
     return 0

@@ -237,3 +237,16 @@ class PaysOnAClock(BroadcasterSession):
             for job in list(self._jobs.values()):
                 if job.ticket_params is not None and not job.ended:
                     await self._send(self.sender.pay(job.job_id, job.ticket_params, 1))
+
+
+class AttachesOneTicketTooMany(BroadcasterSession):
+    """Attaches one first-window ticket more than the window takes (breaks C9)."""
+
+    def _first_payment(self, request: Any, capability: Any, shape: Any) -> Any:
+        first, plan = super()._first_payment(request, capability, shape)
+        if first is None or plan is None:
+            return first, plan
+        more = self.sender.pay(request.job_id, first.ticket_params, 1).tickets
+        ev = plan.ev / plan.tickets
+        bigger = dataclasses.replace(plan, tickets=plan.tickets + 1, ev=plan.ev + ev)
+        return dataclasses.replace(first, tickets=first.tickets + more), bigger

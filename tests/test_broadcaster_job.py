@@ -326,3 +326,23 @@ def test_a_result_that_does_not_match_the_request_ends_the_connection() -> None:
     job = new_job(output_size=(64, 64))
     job.on_message(quote(), 1.0)
     assert isinstance(events(job.on_message(good_result(), 2.0))[0], JobResult)
+
+
+def test_an_attached_first_window_counts_as_paid() -> None:
+    """Spec 8.11, C9: the tickets sent with the job are paid; none more until window 2."""
+    from protocol.credit import AttachPlan
+
+    attached = AttachPlan(index=0, tickets=3, ev=STEP_FEE * EVERY + 5)
+    job = new_job(attached=attached)
+    out = job.on_message(quote(), 1.0)
+    accepted, sent = events(out)
+    assert isinstance(accepted, Accepted)
+    assert isinstance(sent, PaymentSent) and sent.tickets == sent.tickets_total == 3
+    assert sent.ev_paid == attached.ev and job.paid_here == attached.ev
+    assert job.payments() == []  # the first window is paid already
+    job.on_message(progress(1), 2.0)  # the lead: window 2 is due now, one job ticket
+    (pay,) = job.payments()[:1]
+    assert isinstance(pay, SendPayment) and pay.count == 1
+    assert job.schedule is not None and job.schedule.tickets_sent == 4
+    # At most a window and a ticket ahead of delivery, the attached window included (C3).
+    assert job.paid_here - STEP_FEE * 1 <= job.schedule.max_exposure()

@@ -236,6 +236,7 @@ PLANTED_BROADCASTERS: list[
     (faults.IgnoresRefreshedParams, None, {"K16-pays-with-refreshed-params"}),
     (faults.AcceptsAnyResultSize, None, {"J7-result-of-the-wrong-size"}),
     (None, faults.PaysOnAClock, {"M1-no-payment-after-a-stall"}),
+    (None, faults.AttachesOneTicketTooMany, {"C9-first-window-attached-within-a-window"}),
 ]
 
 

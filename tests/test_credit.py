@@ -318,3 +318,33 @@ def test_pixel_steps_and_job_fee() -> None:
     assert job_fee(10, 1, price) == Fraction(10, 3)
     assert isinstance(job_fee(10, 1, price), Fraction)
     assert job_fee(7, 0, price) == 0
+
+
+def test_the_first_window_plan_fits_a_window() -> None:
+    """Spec 8.11, C9: parameters no dearer than the window, ceil(W / EV) tickets of them,
+    so less than a window and a ticket is attached; none when nothing fits."""
+    from protocol.credit import (
+        MAX_ATTACHED_TICKETS,
+        first_window_evs,
+        plan_first_payment,
+        ticket_odds,
+    )
+    from protocol.pm import ticket_ev
+
+    face = 10**15
+    evs = [ticket_ev(*ticket_odds(Fraction(ev), face)) for ev in first_window_evs(face)]
+    assert len(evs) == 15 and evs[0] >= 4**10 and evs[-1] <= face
+    for window in (
+        Fraction(4**10),
+        Fraction(1_562_000_000),
+        Fraction(7, 3) * 10**12,
+        Fraction(face),
+    ):
+        plan = plan_first_payment(evs, window)
+        assert plan is not None
+        ev = evs[plan.index]
+        assert ev < window + 1 and plan.tickets == -(-window // ev) <= 4
+        assert window <= plan.ev < window + ev
+    assert plan_first_payment(evs, Fraction(4**10 - 5)) is None  # cheaper than every set
+    assert plan_first_payment(evs, Fraction(face) * (MAX_ATTACHED_TICKETS + 1)) is None
+    assert plan_first_payment(evs, Fraction(0)) is None

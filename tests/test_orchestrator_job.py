@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import pytest
+
 from protocol.credit import ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
@@ -291,3 +293,47 @@ def test_the_runner_knows_the_job_by_the_orchestrators_id_only() -> None:
     shown = to_b(job.on_runner(RunnerPreview(preview), 0.0))[0]
     assert shown.job_id == "j"
     assert to_r(job.on_cancel(0.0))[0].job_id == "r1"
+
+
+def test_an_attached_payment_is_granted_with_the_job_and_credited_after_accepted() -> None:
+    """Spec 8.11, K18: the first window came with the job, so the runner starts at once."""
+    job = new_job()
+    job.prepay(PaymentInput(STEP_FEE * EVERY + STEP_FEE / 3, 2, 1))
+    out = job.start(0.0)
+    assert to_r(out) == [Run(job.request, 7, EVERY)]
+    (credit,) = to_b(out)
+    assert credit == Credit("j", STEP_FEE * EVERY + STEP_FEE / 3, EVERY, 2, 1)
+    # The run goes first: the runner need not wait for B's socket.
+    assert isinstance(out[0], ToRunner) and isinstance(out[1], ToBroadcaster)
+    # Later payments are credited on top, one credit each (C5), granted at once.
+    out = job.on_payment(pay(2), 0.0)
+    assert to_b(out)[0].covered_steps == 2 * EVERY and to_r(out) == [Grant("j", 2 * EVERY)]
+
+
+def test_an_attached_payment_is_taken_once_clean_and_only_before_the_start() -> None:
+    """A refused one never reaches the job: O answers the `job` with its error (K18)."""
+    job = new_job()
+    with pytest.raises(ValueError):
+        job.prepay(pay(2, ProtocolError(ErrorCode.TICKET_BAD_SIGNATURE, "bad")))
+    job.prepay(pay(2))
+    with pytest.raises(ValueError):
+        job.prepay(pay(2))
+    started = new_job()
+    started.start(0.0)
+    with pytest.raises(ValueError):
+        started.prepay(pay(2))
+
+
+def test_grants_follow_credit_at_once_so_a_runner_paid_ahead_never_waits() -> None:
+    """Task 3 of issue 13: B pays window w+1 at step wN - L; the grant goes out with its
+    credit, before the runner reaches the boundary, so the runner never sends `awaiting`."""
+    job = new_job()
+    job.prepay(pay(EVERY))
+    assert to_r(job.start(0.0)) == [Run(job.request, 7, EVERY)]
+    for step in range(1, STEPS + 1):
+        assert job.on_runner(Begin("j", step), 0.0) == []
+        if step % EVERY == EVERY - 1 and step + 1 < STEPS:  # the lead: one step early
+            out = job.on_payment(pay(EVERY), 0.0)
+            assert to_r(out) == [Grant("j", min(STEPS, step + 1 + EVERY))]
+        assert job.granted >= step
+    assert job.deadline is None
