@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from broadcaster.stall import DEFAULT_STALL_FACTOR, DEFAULT_STALL_FLOOR
 from conformance.cli import add_conformance_parser
 from orchestrator.connection_limits import (
     DEFAULT_HELLO_TIMEOUT,
@@ -191,8 +192,9 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--stall-floor",
         type=float,
-        default=1.0,
-        help="seconds without progress that always count as a stall's least (default 1.0)",
+        default=DEFAULT_STALL_FLOOR,
+        help="seconds added to k measured progress intervals before a job counts as "
+        f"stalled (default {DEFAULT_STALL_FLOOR:g}; spec 15.1)",
     )
     gen.add_argument(
         "--metrics-db",
@@ -364,7 +366,30 @@ def _build_parser() -> argparse.ArgumentParser:
         help="time TAESD with its real architecture and random weights when none are on disk",
     )
     bench.add_argument("--stall-after", type=int, default=6, help="failover: step that stalls")
-    bench.add_argument("--stall-floor", type=float, default=1.0, help="failover: seconds")
+    bench.add_argument(
+        "--stall-floor",
+        type=float,
+        default=DEFAULT_STALL_FLOOR,
+        help=f"failover: seconds added to k intervals (default {DEFAULT_STALL_FLOOR:g})",
+    )
+    bench.add_argument(
+        "--stall-factor",
+        type=float,
+        default=DEFAULT_STALL_FACTOR,
+        help=f"failover: k, measured progress intervals (default {DEFAULT_STALL_FACTOR:g})",
+    )
+    bench.add_argument(
+        "--false-stalls",
+        action="store_true",
+        help="failover: count jobs that move off healthy orchestrators while a core is busy",
+    )
+    bench.add_argument("--jobs", type=int, default=50, help="failover --false-stalls: jobs")
+    bench.add_argument(
+        "--hog-seconds",
+        type=float,
+        default=600.0,
+        help="failover --false-stalls: the busy child ends by itself after this long",
+    )
     bench.add_argument(
         "--step-seconds", type=float, default=0.0, help="failover: extra seconds per step"
     )
