@@ -43,6 +43,7 @@ from broadcaster.session import BroadcasterSession, SessionError
 from broadcaster.stall import (
     DEFAULT_STALL_FACTOR,
     DEFAULT_STALL_FLOOR,
+    ProgressClock,
     StallRule,
     stall_timeout,
 )
@@ -301,12 +302,8 @@ class JobRunner:
         """k measured progress intervals plus the floor (broadcaster/stall.py, spec 15.1)."""
         interval = attempt.clock.interval
         if interval is None and attempt.delivered:
-            if attempt.first_step is not None:
-                # One step seen: it took this long (setup included, so not less than a step).
-                interval = attempt.first_step
-            else:
-                speed = self.metrics.get(attempt.url, model_id).pixel_steps_per_second
-                interval = pixels / speed if speed else None
+            speed = self.metrics.get(attempt.url, model_id).pixel_steps_per_second
+            interval = pixels / speed if speed else None
         first = (
             self.metrics.get(attempt.url, model_id).first_step_seconds
             if attempt.delivered == 0
@@ -350,6 +347,7 @@ class JobRunner:
             attempt.reason, attempt.detail = "unreachable", str(exc)
             return
         sent_at = time.monotonic()
+        attempt.clock = ProgressClock(sent_at)
         control.started(job_id, attempt.url, session)
         preview_every, preview_method, preview_format, preview_frame = preview
         events = session.generate(

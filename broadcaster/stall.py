@@ -24,7 +24,10 @@ DEFAULT_STALL_FLOOR = 0.15
 class ProgressClock:
     """Gaps between `progress` arrivals: the interval a stall deadline scales with."""
 
-    def __init__(self, keep: int = 16, alpha: float = 0.2) -> None:
+    def __init__(self, sent_at: float | None = None, keep: int = 16, alpha: float = 0.2) -> None:
+        self._sent_at = sent_at
+        """When the job was sent: the first arrival after it is the first step's time."""
+        self._first: float | None = None
         self._gaps: deque[float] = deque(maxlen=keep)
         """The last `keep` gaps: two windows of 8 steps, so a window boundary is always in."""
         self._alpha = alpha
@@ -33,7 +36,10 @@ class ProgressClock:
 
     def observe(self, now: float) -> None:
         """One `progress` arrived at `now` (monotonic seconds)."""
-        if self._last is not None:
+        if self._last is None:
+            if self._sent_at is not None:
+                self._first = max(0.0, now - self._sent_at)
+        else:
             gap = max(0.0, now - self._last)
             self._gaps.append(gap)
             a = self._alpha
@@ -42,10 +48,22 @@ class ProgressClock:
 
     @property
     def interval(self) -> float | None:
-        """The robust interval estimate, or None before two arrivals."""
+        """The robust interval estimate; None before any arrival (or one, without `sent_at`).
+
+        While fewer than WARMUP_GAPS gaps were seen, the first step's time
+        (setup and the first payment included, so never less than a step)
+        stands in as well: two quick steps say little about the third.
+        """
         if self._average is None:
-            return None
-        return max(max(self._gaps), self._average)
+            return self._first
+        measured = max(max(self._gaps), self._average)
+        if len(self._gaps) < WARMUP_GAPS and self._first is not None:
+            return max(measured, self._first)
+        return measured
+
+
+WARMUP_GAPS = 4
+"""Gaps seen before the measured ones alone set the interval."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +91,8 @@ def stall_timeout(
 
     `delivered` steps of `steps` (None before `accepted`) have arrived;
     `interval` is the measured gap between progress messages on this try
-    (None before two arrived; a caller with one arrival passes that step's
-    time from sending the job, or a speed measured before); `first_step` is
+    (ProgressClock.interval; a caller without one passes a speed measured
+    before, or None); `first_step` is
     the first-step time measured on this orchestrator before (None: never);
     `promised` is what the orchestrator's last `status` said its next
     message would take (spec 9.6), honoured twice over.

@@ -8,6 +8,7 @@ from broadcaster.failover import FailoverPolicy
 from broadcaster.stall import (
     DEFAULT_STALL_FACTOR,
     DEFAULT_STALL_FLOOR,
+    WARMUP_GAPS,
     ProgressClock,
     StallRule,
     stall_timeout,
@@ -93,3 +94,17 @@ def test_clock_ignores_time_going_backwards() -> None:
     clock.observe(5.0)
     clock.observe(4.0)
     assert clock.interval == 0.0
+
+
+def test_clock_counts_the_first_step_until_it_has_seen_a_few_gaps() -> None:
+    """Two quick steps after a slow start say little about the third."""
+    clock = ProgressClock(sent_at=0.0)
+    clock.observe(0.9)  # the first step, payment round trip included
+    assert clock.interval == pytest.approx(0.9)
+    t = 0.9
+    for _ in range(WARMUP_GAPS - 1):
+        t += 0.02
+        clock.observe(t)
+        assert clock.interval == pytest.approx(0.9)
+    clock.observe(t + 0.02)
+    assert clock.interval == pytest.approx(0.02)
