@@ -98,30 +98,44 @@ class TicketBatch:
 
     def sign(self, key: PrivateKey, nonces: Iterable[int]) -> list[bytes]:
         """65-byte R|S|V signatures of the tickets with these nonces (protocol.pm.sign_ticket)."""
+        # Hash every ticket first, then sign in a tight loop: the curve's tables stay in cache.
+        digests = [self.digest(nonce) for nonce in nonces]
         secret = key.secret
         sig = ffi.new("secp256k1_ecdsa_recoverable_signature *")
         out = ffi.new("unsigned char[64]")
         recid = ffi.new("int *")
         sign = lib.secp256k1_ecdsa_sign_recoverable
         serialize = lib.secp256k1_ecdsa_recoverable_signature_serialize_compact
-        result = []
-        for nonce in nonces:
-            if not sign(_CTX, sig, self.digest(nonce), secret, ffi.NULL, ffi.NULL):
+        raw = []
+        for digest in digests:
+            if not sign(_CTX, sig, digest, secret, ffi.NULL, ffi.NULL):
                 raise ValueError("the private key cannot sign")  # pragma: no cover
             serialize(_CTX, out, recid, sig)
-            r_s = ffi.buffer(out, 64)[:]
-            # libsecp256k1 always emits low S; assert it so a library change cannot slip through.
-            if int.from_bytes(r_s[32:], "big") > _HALF_N:  # pragma: no cover - defensive
-                raise InvalidSignature("signer produced a high-S signature")
-            result.append(r_s + _V[recid[0]])
-        return result
+            raw.append(ffi.buffer(out, 64)[:] + _V[recid[0]])
+        # libsecp256k1 always emits low S; assert it so a library change cannot slip through.
+        if any(int.from_bytes(r[32:64], "big") > _HALF_N for r in raw):  # pragma: no cover
+            raise InvalidSignature("signer produced a high-S signature")
+        return raw
 
     def signers(self, signed: Iterable[tuple[int, bytes]]) -> Iterator[bytes]:
         """The 20-byte address that signed each (nonce, sig), in order (protocol.pm.recover_signer).
 
         Raises InvalidSignature at the first signature that recovers nobody;
-        the addresses before it have been yielded.
+        the addresses before it have been yielded. The signatures are
+        checked and the tickets hashed first, then recovered in a tight loop
+        (the curve's tables stay in cache), so a bad signature costs the
+        recoveries of the tickets before it, never after.
         """
+        items = list(signed)
+        digests = []
+        fault: InvalidSignature | None = None
+        for nonce, sig in items:
+            try:
+                check_signature(sig)
+            except InvalidSignature as exc:
+                fault = exc
+                break
+            digests.append(self.digest(nonce))
         parsed = ffi.new("secp256k1_ecdsa_recoverable_signature *")
         pubkey = ffi.new("secp256k1_pubkey *")
         out = ffi.new("unsigned char[65]")
@@ -129,24 +143,29 @@ class TicketBatch:
         parse = lib.secp256k1_ecdsa_recoverable_signature_parse_compact
         recover = lib.secp256k1_ecdsa_recover
         serialize = lib.secp256k1_ec_pubkey_serialize
-        for nonce, sig in signed:
-            check_signature(sig)
-            digest = self.digest(nonce)
-            if not parse(_CTX, parsed, bytes(sig[:64]), sig[64] - 27):  # pragma: no cover
-                raise InvalidSignature("signature does not parse")  # R and S were checked
+        keys = []
+        for (_, sig), digest in zip(items, digests, strict=False):
+            # The parse reads R|S, the first 64 bytes.
+            if not parse(_CTX, parsed, bytes(sig), sig[64] - 27):  # pragma: no cover
+                fault = InvalidSignature("signature does not parse")  # R and S were checked
+                break
             if not recover(_CTX, pubkey, parsed, digest):
-                raise InvalidSignature(
+                fault = InvalidSignature(
                     "signature does not recover a public key: failed to recover ECDSA public key"
                 )
+                break
             out_len[0] = 65
             serialize(_CTX, out, out_len, pubkey, _UNCOMPRESSED)
-            key = ffi.buffer(out, 65)[:]
+            keys.append(ffi.buffer(out, 65)[:])
+        for key in keys:
             address = _addresses.get(key)
             if address is None:
                 if len(_addresses) >= _ADDRESS_CACHE_LIMIT:
                     _addresses.clear()
                 address = _addresses[key] = keccak256(key[1:])[-20:]
             yield address
+        if fault is not None:
+            raise fault
 
 
 _V = (bytes([27]), bytes([28]), bytes([29]), bytes([30]))

@@ -9,6 +9,7 @@ and the recipient's checks add, even on a machine that is busy otherwise.
 from __future__ import annotations
 
 import secrets
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,22 +34,26 @@ class TicketRates:
 
 
 def _interleaved(
-    ours: Callable[[], None], raw: Callable[[], None], seconds: float
+    ours: Callable[[], None], raw: Callable[[], None], batches: int | None, seconds: float
 ) -> tuple[float, float]:
-    """Operations per second of each, timed batch by batch in turn.
+    """Operations per second of each, from the median time of a batch, batches taken in turn.
 
     Alternating batches puts both under the same load from the rest of the
-    machine, so the ratio holds on a busy machine where each rate alone does not.
+    machine, and the median drops the batches a busy machine preempted, so
+    the ratio holds where each rate alone does not. Runs `batches` pairs, or
+    pairs for `seconds` when None.
     """
-    spent = [0.0, 0.0]
+    times: tuple[list[float], list[float]] = ([], [])
+    start = time.perf_counter()
     done = 0
-    while sum(spent) < 2 * seconds:
-        for i, run_batch in enumerate((ours, raw) if done % 2 == 0 else (raw, ours)):
-            start = time.perf_counter()
-            run_batch()
-            spent[(i + done) % 2] += time.perf_counter() - start
+    while (done < batches) if batches is not None else time.perf_counter() - start < seconds:
+        order = (0, 1) if done % 2 == 0 else (1, 0)
+        for which in order:
+            begun = time.perf_counter()
+            (ours, raw)[which]()
+            times[which].append(time.perf_counter() - begun)
         done += 1
-    return done * BATCH / spent[0], done * BATCH / spent[1]
+    return BATCH / statistics.median(times[0]), BATCH / statistics.median(times[1])
 
 
 def measure(seconds: float = 1.0) -> TicketRates:
@@ -87,16 +92,9 @@ def measure(seconds: float = 1.0) -> TicketRates:
             for _ in range(int(seconds * 1000) + 10)
         ]
     )
-    sign, raw_sign = _interleaved(sign_batch, raw_sign_batch, seconds)
-    # Verify exactly the tickets signed above, as many batches as there are.
-    spent = [0.0, 0.0]
-    batches = len(payments)
-    for i in range(batches):
-        for j, run_batch in enumerate((verify_batch, raw_recover_batch)[:: 1 if i % 2 else -1]):
-            start = time.perf_counter()
-            run_batch()
-            spent[j if i % 2 else 1 - j] += time.perf_counter() - start
-    verify, raw_recover = batches * BATCH / spent[0], batches * BATCH / spent[1]
+    sign, raw_sign = _interleaved(sign_batch, raw_sign_batch, None, seconds)
+    # Verify exactly the tickets signed above, a payment a batch.
+    verify, raw_recover = _interleaved(verify_batch, raw_recover_batch, len(payments), seconds)
     return TicketRates(sign, verify, raw_sign, raw_recover)
 
 
