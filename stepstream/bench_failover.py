@@ -45,6 +45,8 @@ from stepstream.processes import model_entry, orchestrator_process
 @dataclass(frozen=True)
 class FailoverRun:
     recovery_seconds: float
+    detection_seconds: float
+    """From the stall to the move (OrchestratorChanged): the stall deadline's share."""
     median_step_seconds: float
     windows_paid_beyond_delivered: float
     windows_paid_beyond_kept: float
@@ -77,7 +79,7 @@ async def one_run(
         policy=policy,
     )
     arrivals: list[tuple[float, int]] = []
-    stall_at = recovered_at = None
+    stall_at = recovered_at = moved_at = None
     change: OrchestratorChanged | None = None
     result: JobResult | None = None
     async for event in runner.generate(params, model_id=model_id, preview_every=every):
@@ -89,12 +91,18 @@ async def one_run(
                 recovered_at = now
             arrivals.append((now, event.step))
         elif isinstance(event, OrchestratorChanged):
-            change = event
+            change, moved_at = event, now
         elif isinstance(event, JobResult):
             result = event
         elif isinstance(event, JobError):
             raise RuntimeError(f"bench job failed: {event.code}: {event.message}")
-    if change is None or result is None or stall_at is None or recovered_at is None:
+    if (
+        change is None
+        or result is None
+        or stall_at is None
+        or recovered_at is None
+        or moved_at is None
+    ):
         raise RuntimeError("the bench job did not fail over and finish")
     intervals = [
         t1 - t0
@@ -106,6 +114,7 @@ async def one_run(
     beyond_kept = change.paid - change.from_step * change.step_fee
     return FailoverRun(
         recovered_at - stall_at,
+        moved_at - stall_at,
         statistics.median(intervals),
         float(beyond_delivered / window_fee) if window_fee else 0.0,
         float(beyond_kept / window_fee) if window_fee else 0.0,
@@ -157,6 +166,7 @@ def run_failover_bench(args: argparse.Namespace) -> int:
             for _ in tqdm(range(args.runs), unit="run", desc="bench failover")
         ]
     rec = [r.recovery_seconds for r in runs]
+    detect = [r.detection_seconds / r.median_step_seconds for r in runs]
     steps = [r.recovery_in_steps for r in runs]
     step_s = statistics.median(r.median_step_seconds for r in runs)
     lost = [r.windows_paid_beyond_delivered for r in runs]
@@ -172,6 +182,8 @@ def run_failover_bench(args: argparse.Namespace) -> int:
         f"max {max(rec) * 1000:8.1f} ms\n"
         f"  ... in step intervals         median {statistics.median(steps):8.1f}, "
         f"max {max(steps):8.1f}\n"
+        f"  stall -> move, in intervals   median {statistics.median(detect):8.1f}, "
+        f"max {max(detect):8.1f}\n"
         f"  paid beyond delivered steps   median {statistics.median(lost):.2f} windows, "
         f"max {max(lost):.2f}\n"
         f"  paid beyond resumed-from step median {statistics.median(kept):.2f} windows, "
