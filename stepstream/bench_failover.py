@@ -209,7 +209,7 @@ async def _false_stall_jobs(
     for url in urls:
         metrics.record_speed(url, args.model, params.width * params.height * 10.0)
     moved: list[str] = []
-    for _ in tqdm(range(args.jobs), unit="job", desc="false stalls"):
+    for i in range(args.jobs):
         runner = JobRunner(
             discovery,
             key,
@@ -219,11 +219,19 @@ async def _false_stall_jobs(
             policy=_policy(args),
         )
         events = runner.generate(params, model_id=args.model, preview_every=args.preview_every)
+        started, why = time.monotonic(), ""
         async for event in events:
             if isinstance(event, OrchestratorChanged):
-                moved.append(f"{event.reason}: {event.detail}")
+                why = f"{event.reason}: {event.detail}"
+                moved.append(why)
             elif isinstance(event, JobError):
                 raise RuntimeError(f"bench job failed: {event.code}: {event.message}")
+        # One line a job, so that a run cut short still counts.
+        print(
+            f"  job {i + 1}/{args.jobs}: {time.monotonic() - started:.1f} s, "
+            f"{'moved (' + why + ')' if why else 'stayed'}; {len(moved)} false stalls so far",
+            flush=True,
+        )
     return moved
 
 

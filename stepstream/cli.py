@@ -354,9 +354,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="network",
-        choices=["network", "pipelines", "failover"],
+        choices=["network", "pipelines", "failover", "load"],
         help="network: overhead per job; pipelines: per-step and preview costs; "
-        "failover: recovery time and money lost per stall",
+        "failover: recovery time and money lost per stall; load: many sessions on one "
+        "orchestrator",
     )
     bench.add_argument("--frames", type=int, default=4, help="video frames (bench pipelines)")
     bench.add_argument("--repeats", type=int, default=5, help="previews timed per method")
@@ -383,7 +384,14 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="failover: count jobs that move off healthy orchestrators while a core is busy",
     )
-    bench.add_argument("--jobs", type=int, default=50, help="failover --false-stalls: jobs")
+    bench.add_argument(
+        "--jobs",
+        type=int,
+        default=50,
+        help="failover --false-stalls: jobs; load: sessions that run a one-step job",
+    )
+    bench.add_argument("--sessions", type=int, default=1000, help="load: sessions")
+    bench.add_argument("--rate", type=float, default=100.0, help="load: sessions opened a second")
     bench.add_argument(
         "--hog-seconds",
         type=float,
@@ -451,6 +459,10 @@ def _run(args: argparse.Namespace) -> int:
         from stepstream.bench_pipelines import run_bench_pipelines
 
         return run_bench_pipelines(args)
+    if args.command == "bench" and args.what == "load":
+        from stepstream.bench_load import run_load_bench
+
+        return run_load_bench(args)
     if args.command == "bench" and args.what == "failover":
         from stepstream.bench_failover import run_failover_bench
 
