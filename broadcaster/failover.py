@@ -2,10 +2,10 @@
 
 `JobRunner.generate` selects an orchestrator (broadcaster/selection.py),
 runs the job there through a BroadcasterSession and watches it. The job
-moves when no progress arrives within k times the expected step interval
-(with a floor), when the projected finish passes the client's deadline and
-another orchestrator is measured to make it, on a disconnect, or on an
-error. Moving means: stop paying at once (payments are only ever made in
+moves when no progress arrives within k measured progress intervals plus
+a small floor (broadcaster/stall.py), when the projected finish passes the
+client's deadline and another orchestrator is measured to make it, on a
+disconnect, or on an error. Moving means: stop paying at once (payments are only ever made in
 answer to progress, so none follows), cancel there, suspend that
 orchestrator, and continue elsewhere, from the latents of the last step
 delivered (every progress carries them) when the new orchestrator can
@@ -43,6 +43,13 @@ from broadcaster.selection import (
     for_deadline,
 )
 from broadcaster.session import BroadcasterSession, SessionError
+from broadcaster.stall import (
+    DEFAULT_STALL_FACTOR,
+    DEFAULT_STALL_FLOOR,
+    ProgressClock,
+    StallRule,
+    stall_timeout,
+)
 from broadcaster.suspension import Suspensions
 from broadcaster.tries import Try, classify, give_up, job_result
 from pipelines.errors import InvalidRequest
@@ -68,10 +75,10 @@ RETRYABLE_REFUSALS = frozenset({ErrorCode.NO_CAPACITY.value})
 
 @dataclass(frozen=True)
 class FailoverPolicy:
-    stall_factor: float = 4.0
-    """k: no progress within k expected step intervals is a stall."""
-    stall_floor: float = 1.0
-    """Seconds: never call a stall sooner than this (network jitter, previews)."""
+    stall_factor: float = DEFAULT_STALL_FACTOR
+    """k: no progress within k measured progress intervals plus the floor is a stall."""
+    stall_floor: float = DEFAULT_STALL_FLOOR
+    """Seconds added to every stall deadline: jitter that does not scale with the step."""
     first_step_timeout: float = 30.0
     """Seconds from sending the job to its first progress, when nothing is measured."""
     finish_timeout: float = 30.0
@@ -86,6 +93,12 @@ class FailoverPolicy:
     close_timeout: float = 1.0
     resume: bool = True
     """Ask for latents and continue from them where the next orchestrator can."""
+
+    @property
+    def rule(self) -> StallRule:
+        return StallRule(
+            self.stall_factor, self.stall_floor, self.first_step_timeout, self.finish_timeout
+        )
 
 
 class JobRunner:
@@ -325,29 +338,25 @@ class JobRunner:
 
     # ------------------------------------------------------------ one try
 
-    def _stall_timeout(self, attempt: Try, model_id: str, pixels: int) -> float:
-        """k expected step intervals (observed here, else measured before), at least the floor."""
-        p = self.policy
-        if attempt.accepted is not None and attempt.delivered >= attempt.accepted.steps:
-            # Every step delivered: the decode and the output follow.
-            return max(p.stall_floor, p.finish_timeout)
-        if attempt.delivered == 0:
-            first = self.metrics.get(attempt.url, model_id).first_step_seconds
-            return (
-                p.first_step_timeout
-                if first is None
-                else max(p.stall_floor, p.stall_factor * first)
-            )
-        observed = attempt.rate.steps_per_second
-        if observed > 0:
-            interval = 1.0 / observed
-        elif attempt.first_step is not None:
-            # One step seen: it took this long (setup included, so not less than a step).
-            interval = attempt.first_step
-        else:
+    def _stall_timeout(self, attempt: Try, model_id: str, pixels: int, promised: float) -> float:
+        """k measured progress intervals plus the floor (broadcaster/stall.py, spec 15.1)."""
+        interval = attempt.clock.interval
+        if interval is None and attempt.delivered:
             speed = self.metrics.get(attempt.url, model_id).pixel_steps_per_second
-            interval = pixels / speed if speed else p.stall_floor
-        return max(p.stall_floor, p.stall_factor * interval)
+            interval = pixels / speed if speed else None
+        first = (
+            self.metrics.get(attempt.url, model_id).first_step_seconds
+            if attempt.delivered == 0
+            else None
+        )
+        return stall_timeout(
+            self.policy.rule,
+            delivered=attempt.delivered,
+            steps=attempt.accepted.steps if attempt.accepted is not None else None,
+            interval=interval,
+            first_step=first,
+            promised=promised,
+        )
 
     async def _run_try(
         self,
@@ -371,6 +380,7 @@ class JobRunner:
             attempt.reason, attempt.detail = "unreachable", str(exc)
             return
         sent_at = time.monotonic()
+        attempt.clock = ProgressClock(sent_at)
         control.started(job_id, attempt.url, session)
         preview_every, preview_method, preview_format, preview_frame = preview
         events = session.generate(
@@ -392,7 +402,7 @@ class JobRunner:
         """Seconds the orchestrator's last `status` promised its next message within."""
         try:
             while True:
-                timeout = max(self._stall_timeout(attempt, model_id, pixels), 2 * promised)
+                timeout = self._stall_timeout(attempt, model_id, pixels, promised)
                 # Whether the job could go elsewhere reads the metrics store: ask
                 # at most once a second, not on every event.
                 if time.monotonic() - alone_checked >= 1.0:
@@ -483,6 +493,7 @@ class JobRunner:
                 self.metrics.record_first_step(attempt.url, attempt.model_id, now - sent_at)
             attempt.delivered = event.step
             attempt.rate.observe(now, event.step)
+            attempt.clock.observe(now)
         elif isinstance(event, PaymentSent):
             attempt.paid, attempt.tickets = event.ev_paid, event.tickets_total
         elif isinstance(event, PreviewFrame):

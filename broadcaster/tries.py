@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 
+from broadcaster.stall import ProgressClock
 from protocol.errors import ErrorCode
 from protocol.job_events import Accepted, JobError, JobResult
 from protocol.rate import StepRate
@@ -39,6 +40,8 @@ class Try:
     """Seconds from sending the job to its first progress here."""
     rate: StepRate = field(default_factory=StepRate)
     """From progress arrivals only: the wait for the first step is not a step's speed."""
+    clock: ProgressClock = field(default_factory=ProgressClock)
+    """Gaps between progress arrivals: what the stall deadline scales with."""
 
     @property
     def step_fee(self) -> Fraction:

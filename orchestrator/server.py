@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -87,6 +88,7 @@ from settlement.sender_monitor import SenderMonitor
 from settlement.winners import WinnerQueue
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_FACE_VALUE = 10**15
 DEFAULT_TICKET_EV = 8 * 10**9  # go-livepeer's default ticket EV, for the info message
@@ -199,12 +201,20 @@ class Orchestrator:
         where = self.winners.path or "memory only (no --data-dir)"
         return f"{self.settlement.describe()}; winners queued in {where}"
 
+    async def _settled(self, read: Callable[..., _T], *args: object) -> _T:
+        """A settlement read: in a thread where it may wait on a chain, inline off chain,
+        where it reads the clock and a thread hop would cost more than the read (three
+        of them on every `hello`)."""
+        if not self.settlement.redeems:
+            return read(*args)
+        return await anyio.to_thread.run_sync(read, *args)
+
     async def current_block(self) -> int:
-        return await anyio.to_thread.run_sync(self.settlement.block_number)
+        return await self._settled(self.settlement.block_number)
 
     async def face_value(self) -> int:
         """The configured face value, raised to stay above the cost of redeeming it."""
-        cost = await anyio.to_thread.run_sync(self.settlement.redeem_cost)
+        cost = await self._settled(self.settlement.redeem_cost)
         return max(self.config.face_value, cost * self.config.redeem_cost_multiplier)
 
     async def load_warm_models(self, on_loaded: Callable[[str], None] | None = None) -> None:
@@ -367,7 +377,7 @@ class Orchestrator:
         """The advertisement; with `first_payment`, also the parameters that pay the first
         window of this connection's jobs, one-ticket EVs a factor of 4 apart (spec 8.11)."""
         face = await self.face_value()
-        issue = await anyio.to_thread.run_sync(self.settlement.issue_round)
+        issue = await self._settled(self.settlement.issue_round)
         block = await self.current_block()
 
         def issue_params(face_value: int, win_prob: int) -> TicketParams:
@@ -594,7 +604,7 @@ class Orchestrator:
     async def _job_params(self, sender: bytes, window_fee: Fraction) -> TicketParams:
         """Parameters whose ticket is worth one window (spec 8.2), valid from this block."""
         face_value, win_prob = ticket_odds(window_fee, await self.face_value())
-        issue = await anyio.to_thread.run_sync(self.settlement.issue_round)
+        issue = await self._settled(self.settlement.issue_round)
         block, salt = await self.current_block(), secrets.token_bytes(16)
         return self.recipient.issue_params(
             sender, face_value, win_prob, block, salt, issue.round, issue.block_hash
@@ -635,9 +645,9 @@ class Orchestrator:
         try:
             block = await self.current_block()
             sender = address_str(payment.sender)
-            max_float = await anyio.to_thread.run_sync(self.monitor.max_float, sender)
+            max_float = await self._settled(self.monitor.max_float, sender)
             creation_round = payment.ticket_params.creation_round
-            rounds = await anyio.to_thread.run_sync(self.settlement.round_view, creation_round)
+            rounds = await self._settled(self.settlement.round_view, creation_round)
         except ChainError as exc:
             return PaymentReceipt(
                 error=ProtocolError(ErrorCode.INTERNAL_ERROR, f"chain unavailable: {exc}")

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from coincurve import PrivateKey, PublicKey
-from Crypto.Hash import keccak as _keccak
+
+from protocol.keccak import keccak256
 
 __all__ = [
     "MAX_UINT256",
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidSignature",
     "Ticket",
     "address_of",
+    "check_signature",
     "derive_recipient_rand",
     "is_winning",
     "recipient_rand_hash",
@@ -53,8 +55,8 @@ _SIG_LEN = 65
 
 
 def keccak(data: bytes) -> bytes:
-    """Ethereum's Keccak-256 (not SHA3-256: the padding differs)."""
-    return _keccak.new(digest_bits=256, data=data).digest()
+    """Ethereum's Keccak-256 (not SHA3-256: the padding differs); protocol/keccak.py."""
+    return keccak256(data)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -179,23 +181,27 @@ def sign_ticket(ticket: Ticket, private_key: bytes | PrivateKey) -> bytes:
     return r_s + bytes([recid + 27])
 
 
+def check_signature(sig: bytes) -> None:
+    """Raise InvalidSignature unless `sig` is 65 bytes R|S|V, canonical (low S), V 27 or 28."""
+    if not isinstance(sig, bytes | bytearray) or len(sig) != _SIG_LEN:
+        raise InvalidSignature(f"signature must be {_SIG_LEN} bytes")
+    v = sig[64]
+    if v not in (27, 28):
+        raise InvalidSignature(f"signature V must be 27 or 28, got {v}")
+    if not 0 < int.from_bytes(sig[:32], "big") < SECP256K1_N:
+        raise InvalidSignature("signature R out of range")
+    if not 0 < int.from_bytes(sig[32:64], "big") <= _HALF_N:
+        raise InvalidSignature("signature S must be non-zero and in the lower half of the order")
+
+
 def recover_signer(ticket: Ticket, sig: bytes) -> str:
     """Checksummed address that signed `ticket`; rejects malleable or malformed signatures.
 
     High S is rejected because the TicketBroker (OpenZeppelin ECDSA) rejects it, and a
     second valid encoding would let one ticket be presented twice under a new sig.
     """
-    if not isinstance(sig, bytes | bytearray) or len(sig) != _SIG_LEN:
-        raise InvalidSignature(f"signature must be {_SIG_LEN} bytes")
-    r = int.from_bytes(sig[:32], "big")
-    s = int.from_bytes(sig[32:64], "big")
+    check_signature(sig)
     v = sig[64]
-    if v not in (27, 28):
-        raise InvalidSignature(f"signature V must be 27 or 28, got {v}")
-    if not 0 < r < SECP256K1_N:
-        raise InvalidSignature("signature R out of range")
-    if not 0 < s <= _HALF_N:
-        raise InvalidSignature("signature S must be non-zero and in the lower half of the order")
     try:
         pub = PublicKey.from_signature_and_message(
             bytes(sig[:64]) + bytes([v - 27]), _personal_hash(ticket.hash()), hasher=None

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.keccak import keccak256
 from protocol.messages import Payment, TicketParams
 from protocol.pm import (
     InvalidSignature,
     Ticket,
     derive_recipient_rand,
-    is_winning,
     recipient_rand_hash,
-    recover_signer,
     ticket_ev,
     to_checksum_address,
 )
+from protocol.ticket_batch import TicketBatch
 
 ZERO_ADDRESS = bytes(20)
 MAX_NONCES_PER_RAND = 600
@@ -229,76 +229,106 @@ class Recipient:
             return receipt
         sender = address_str(payment.sender)
         ev = ticket_ev(params.face_value, params.win_prob)
+        batch = TicketBatch(
+            recipient=self._address_bytes,
+            sender=payment.sender,
+            face_value=params.face_value,
+            win_prob=params.win_prob,
+            recipient_rand_hash=params.recipient_rand_hash,
+            creation_round=params.creation_round,
+            creation_round_block_hash=params.creation_round_block_hash,
+        )
+        signers = batch.signers((t.sender_nonce, t.sig) for t in payment.tickets)
+        refusal = None if rounds is None else round_refusal(params, rounds)
+        draw_suffix = rand.to_bytes(32, "big")
         for signed in payment.tickets:
-            ticket = Ticket(
-                recipient=self.address,
-                sender=sender,
-                face_value=params.face_value,
-                win_prob=params.win_prob,
-                sender_nonce=signed.sender_nonce,
-                recipient_rand_hash=params.recipient_rand_hash,
-                creation_round=params.creation_round,
-                creation_round_block_hash=params.creation_round_block_hash,
-            )
-            try:
-                signer = recover_signer(ticket, signed.sig)
-            except InvalidSignature as exc:
-                receipt.error = ProtocolError(ErrorCode.TICKET_BAD_SIGNATURE, str(exc))
-                return receipt
-            if signer != sender:
-                receipt.error = ProtocolError(
-                    ErrorCode.TICKET_BAD_SIGNATURE, "ticket was not signed by its sender"
-                )
-                return receipt
-            try:
-                fresh = self.nonces.check_and_record(
-                    params.recipient_rand_hash,
-                    signed.sender_nonce,
-                    params.expiration_block,
-                    current_block,
-                )
-            except LedgerFull as exc:
-                receipt.error = ProtocolError(
-                    ErrorCode.INTERNAL_ERROR, f"cannot take tickets now ({exc}); retry later"
-                )
-                return receipt
-            if not fresh:
-                receipt.error = ProtocolError(
-                    ErrorCode.TICKET_NONCE_REPLAYED,
-                    f"sender_nonce {signed.sender_nonce} already used for these parameters",
-                )
-                return receipt
-            refusal = None if rounds is None else round_refusal(params, rounds)
-            if refusal is not None:
+            receipt.error = self._check_ticket(signers, payment, signed.sender_nonce, current_block)
+            if receipt.error is None and refusal is not None:
                 receipt.error = ProtocolError(ErrorCode.TICKET_ROUND_INVALID, refusal)
-                return receipt
-            wins = is_winning(signed.sig, rand, params.win_prob)
+            if receipt.error is not None:
+                break
+            # is_winning, with the rand encoded once per payment.
+            draw = int.from_bytes(keccak256(bytes(signed.sig) + draw_suffix), "big")
+            wins = draw < params.win_prob
             if wins:
-                receipt.winners.append(WinningTicket(ticket, signed.sig, rand))
-            if params.expiration_block < current_block:
-                receipt.error = ProtocolError(
-                    ErrorCode.TICKET_PARAMS_EXPIRED,
-                    f"parameters expired at block {params.expiration_block}, now {current_block}",
+                ticket = Ticket(
+                    recipient=self.address,
+                    sender=sender,
+                    face_value=params.face_value,
+                    win_prob=params.win_prob,
+                    sender_nonce=signed.sender_nonce,
+                    recipient_rand_hash=params.recipient_rand_hash,
+                    creation_round=params.creation_round,
+                    creation_round_block_hash=params.creation_round_block_hash,
                 )
-                return receipt
-            if self._has_funds is not None and not self._has_funds(sender, ev):
-                receipt.error = ProtocolError(
-                    ErrorCode.SENDER_INSUFFICIENT_FUNDS, f"{sender} lacks deposit and reserve"
-                )
-                return receipt
-            if max_float is not None:
-                earlier = receipt.winners[:-1] if wins else receipt.winners
-                owed = sum(w.ticket.face_value for w in earlier)
-                if params.face_value > max_float - owed:
-                    receipt.error = ProtocolError(
-                        ErrorCode.SENDER_INSUFFICIENT_FUNDS,
-                        f"{sender}'s deposit and reserve can pay out {max(0, max_float - owed)}"
-                        f" wei, less than the face value {params.face_value}",
-                    )
-                    return receipt
+                receipt.winners.append(WinningTicket(ticket, bytes(signed.sig), rand))
+            receipt.error = self._check_funds(
+                receipt, params, sender, ev, wins, current_block, max_float
+            )
+            if receipt.error is not None:
+                break
             receipt.accepted += 1
-            receipt.ev += ev
+        receipt.ev = ev * receipt.accepted
         return receipt
+
+    def _check_ticket(
+        self, signers: Iterator[bytes], payment: Payment, nonce: int, current_block: int
+    ) -> ProtocolError | None:
+        """Signature (the next of `signers`), then the nonce: why the ticket fails, or None."""
+        try:
+            signer = next(signers)
+        except InvalidSignature as exc:
+            return ProtocolError(ErrorCode.TICKET_BAD_SIGNATURE, str(exc))
+        if signer != payment.sender:
+            return ProtocolError(
+                ErrorCode.TICKET_BAD_SIGNATURE, "ticket was not signed by its sender"
+            )
+        params = payment.ticket_params
+        try:
+            fresh = self.nonces.check_and_record(
+                params.recipient_rand_hash, nonce, params.expiration_block, current_block
+            )
+        except LedgerFull as exc:
+            return ProtocolError(
+                ErrorCode.INTERNAL_ERROR, f"cannot take tickets now ({exc}); retry later"
+            )
+        if not fresh:
+            return ProtocolError(
+                ErrorCode.TICKET_NONCE_REPLAYED,
+                f"sender_nonce {nonce} already used for these parameters",
+            )
+        return None
+
+    def _check_funds(
+        self,
+        receipt: PaymentReceipt,
+        params: TicketParams,
+        sender: str,
+        ev: Fraction,
+        wins: bool,
+        current_block: int,
+        max_float: int | None,
+    ) -> ProtocolError | None:
+        """Expiry, then the sender's funds, for a ticket already checked and drawn."""
+        if params.expiration_block < current_block:
+            return ProtocolError(
+                ErrorCode.TICKET_PARAMS_EXPIRED,
+                f"parameters expired at block {params.expiration_block}, now {current_block}",
+            )
+        if self._has_funds is not None and not self._has_funds(sender, ev):
+            return ProtocolError(
+                ErrorCode.SENDER_INSUFFICIENT_FUNDS, f"{sender} lacks deposit and reserve"
+            )
+        if max_float is not None:
+            earlier = receipt.winners[:-1] if wins else receipt.winners
+            owed = sum(w.ticket.face_value for w in earlier)
+            if params.face_value > max_float - owed:
+                return ProtocolError(
+                    ErrorCode.SENDER_INSUFFICIENT_FUNDS,
+                    f"{sender}'s deposit and reserve can pay out {max(0, max_float - owed)}"
+                    f" wei, less than the face value {params.face_value}",
+                )
+        return None
 
     def _check_params(
         self, sender: bytes, params: TicketParams, job_seeds: Collection[bytes] | None = None

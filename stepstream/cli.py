@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from broadcaster.stall import DEFAULT_STALL_FACTOR, DEFAULT_STALL_FLOOR
 from orchestrator.connection_limits import (
     DEFAULT_HELLO_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -214,8 +215,9 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--stall-floor",
         type=float,
-        default=1.0,
-        help="seconds without progress that always count as a stall's least (default 1.0)",
+        default=DEFAULT_STALL_FLOOR,
+        help="seconds added to k measured progress intervals before a job counts as "
+        f"stalled (default {DEFAULT_STALL_FLOOR:g}; spec 15.1)",
     )
     gen.add_argument(
         "--metrics-db",
@@ -376,9 +378,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="network",
-        choices=["network", "pipelines", "failover"],
+        choices=["network", "pipelines", "failover", "load"],
         help="network: overhead per job; pipelines: per-step and preview costs; "
-        "failover: recovery time and money lost per stall",
+        "failover: recovery time and money lost per stall; load: many sessions on one "
+        "orchestrator",
     )
     bench.add_argument("--frames", type=int, default=4, help="video frames (bench pipelines)")
     bench.add_argument("--repeats", type=int, default=5, help="previews timed per method")
@@ -388,7 +391,37 @@ def _build_parser() -> argparse.ArgumentParser:
         help="time TAESD with its real architecture and random weights when none are on disk",
     )
     bench.add_argument("--stall-after", type=int, default=6, help="failover: step that stalls")
-    bench.add_argument("--stall-floor", type=float, default=1.0, help="failover: seconds")
+    bench.add_argument(
+        "--stall-floor",
+        type=float,
+        default=DEFAULT_STALL_FLOOR,
+        help=f"failover: seconds added to k intervals (default {DEFAULT_STALL_FLOOR:g})",
+    )
+    bench.add_argument(
+        "--stall-factor",
+        type=float,
+        default=DEFAULT_STALL_FACTOR,
+        help=f"failover: k, measured progress intervals (default {DEFAULT_STALL_FACTOR:g})",
+    )
+    bench.add_argument(
+        "--false-stalls",
+        action="store_true",
+        help="failover: count jobs that move off healthy orchestrators while a core is busy",
+    )
+    bench.add_argument(
+        "--jobs",
+        type=int,
+        default=50,
+        help="failover --false-stalls: jobs; load: sessions that run a one-step job",
+    )
+    bench.add_argument("--sessions", type=int, default=1000, help="load: sessions")
+    bench.add_argument("--rate", type=float, default=100.0, help="load: sessions opened a second")
+    bench.add_argument(
+        "--hog-seconds",
+        type=float,
+        default=600.0,
+        help="failover --false-stalls: the busy child ends by itself after this long",
+    )
     bench.add_argument(
         "--step-seconds", type=float, default=0.0, help="failover: extra seconds per step"
     )
@@ -459,6 +492,10 @@ def _run(args: argparse.Namespace) -> int:
         from stepstream.bench_pipelines import run_bench_pipelines
 
         return run_bench_pipelines(args)
+    if args.command == "bench" and args.what == "load":
+        from stepstream.bench_load import run_load_bench
+
+        return run_load_bench(args)
     if args.command == "bench" and args.what == "failover":
         from stepstream.bench_failover import run_failover_bench
 
