@@ -84,7 +84,11 @@ def check_job_events(events: list[dict[str, Any]], running: RunningOrchestrator)
     assert all(isinstance(p["ev_paid_wei"], str) for p in payments)
     paid = [int(p["ev_paid_wei"]) for p in payments]
     assert paid == sorted(paid)
-    one_ticket = paid[0] / payments[0]["tickets"]
+    # C4's one ticket: the dearer of the job's and its first window's (spec 8.11).
+    one_ticket = max(
+        (now - before) / p["tickets"]
+        for p, now, before in zip(payments, paid, [0, *paid[:-1]], strict=True)
+    )
     fee = int(accepted["fee_wei"])
     assert fee <= paid[-1] <= fee + one_ticket * 1.000001
     assert int(result["ev_paid_wei"]) == paid[-1] and result["fee_wei"] == accepted["fee_wei"]

@@ -81,10 +81,7 @@ async def test_job_end_to_end(running: RunningOrchestrator) -> None:
     # Paid at least the fee and at most one ticket more (spec C4): the dearer ticket of the
     # job's parameters and the first-window ones its first window went with (8.11)...
     payments = [e for e in events if isinstance(e, PaymentSent)]
-    paid_before = [Fraction(0), *(p.ev_paid for p in payments[:-1])]
-    ev = max(
-        (p.ev_paid - before) / p.tickets for p, before in zip(payments, paid_before, strict=True)
-    )
+    ev = dearest_ticket(payments)
     assert accepted.fee <= result.ev_paid <= accepted.fee + ev
     # ...and never more than N + lead steps plus one ticket ahead of delivery (C3).
     fee_per_step = accepted.fee / steps
@@ -260,3 +257,12 @@ async def test_cancel_stops_within_a_step(running: RunningOrchestrator) -> None:
     )
     assert all(i < cancel_at for i in payments)
     assert isinstance(after[-1], JobResult)
+
+
+def dearest_ticket(payments: list[PaymentSent]) -> Fraction:
+    """The EV of the dearest ticket a job paid with: C4's "one ticket" when the first window
+    went with first-window parameters (spec 8.11) and the rest with the job's."""
+    paid_before = [Fraction(0), *(p.ev_paid for p in payments[:-1])]
+    return max(
+        (p.ev_paid - before) / p.tickets for p, before in zip(payments, paid_before, strict=True)
+    )

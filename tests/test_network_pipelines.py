@@ -41,7 +41,7 @@ from protocol.messages import (
 from tests.conftest import PRICE, RunningOrchestrator
 from tests.loopback import loopback_orchestrator
 from tests.test_image_pipelines import image_bytes
-from tests.test_network import RawClient
+from tests.test_network import RawClient, dearest_ticket
 
 pytestmark = [
     pytest.mark.anyio,
@@ -141,8 +141,8 @@ async def test_every_pipeline_end_to_end(running: RunningOrchestrator, case: str
     assert accepted.pixels_per_step == 64 * 48 * outputs
     assert accepted.fee == 64 * 48 * outputs * steps * PRICE == result.fee
     payments = [e for e in events if isinstance(e, PaymentSent)]
-    ev = payments[0].ev_paid / payments[0].tickets
-    assert accepted.fee <= result.ev_paid <= accepted.fee + ev
+    # C4: at most the dearer ticket over the fee, of the job's and its first window's (8.11).
+    assert accepted.fee <= result.ev_paid <= accepted.fee + dearest_ticket(payments)
     # ceil(steps / N) previews, at every N-th step and the last.
     previews = [e for e in events if isinstance(e, PreviewFrame)]
     assert [p.step for p in previews] == [2, 4, 5] and len(previews) == math.ceil(steps / every)
