@@ -323,6 +323,17 @@ class JobRunner:
     def _untried(
         self, pipeline: str, model_id: str, tries: list[Try], include_suspended: bool = False
     ) -> list[Candidate]:
+        exclude = {t.url: f"already tried: {t.reason}" for t in tries}
+        return self._others(pipeline, model_id, exclude, include_suspended=include_suspended)
+
+    def _others(
+        self,
+        pipeline: str,
+        model_id: str,
+        exclude: dict[str, str],
+        include_suspended: bool = False,
+    ) -> list[Candidate]:
+        """The orchestrators that could take the job, but those in `exclude` (url -> why)."""
         found, _ = candidates(
             self.discovery.statuses,
             pipeline=pipeline,
@@ -330,7 +341,7 @@ class JobRunner:
             max_price=self.max_price,
             metrics=self.metrics,
             suspensions=Suspensions() if include_suspended else self.suspensions,
-            exclude={t.url: f"already tried: {t.reason}" for t in tries},
+            exclude=exclude,
             stakes=self.selection.stakes,
             hardware=self.hardware,
         )
@@ -527,17 +538,7 @@ class JobRunner:
         projected = now + left / rate
         if projected <= deadline_at:
             return None
-        found, _ = candidates(
-            self.discovery.statuses,
-            pipeline=pipeline,
-            model_id=model_id,
-            max_price=self.max_price,
-            metrics=self.metrics,
-            suspensions=self.suspensions,
-            exclude={chosen.url: "running the job"},
-            stakes=self.selection.stakes,
-            hardware=self.hardware,
-        )
+        found = self._others(pipeline, model_id, {chosen.url: "running the job"})
         if not for_deadline(found, pixels * left, deadline_at - now):
             return None  # nobody else is measured to do better: finish here, late
         return (
@@ -558,17 +559,7 @@ class JobRunner:
         None to wait: `queued` to go to an orchestrator with a free slot now; with a
         deadline the queue's estimate says this one cannot make, `queued` to go to one
         projected to make it, else `deadline` to give up unpaid (M6, M7: the wait counts)."""
-        found, _ = candidates(
-            self.discovery.statuses,
-            pipeline=pipeline,
-            model_id=model_id,
-            max_price=self.max_price,
-            metrics=self.metrics,
-            suspensions=self.suspensions,
-            exclude={chosen.url: "queued there"},
-            stakes=self.selection.stakes,
-            hardware=self.hardware,
-        )
+        found = self._others(pipeline, model_id, {chosen.url: "queued there"})
         place = f"queued at position {event.queue_position}"
         free = [c for c in found if c.has_room]
         if free:

@@ -287,14 +287,9 @@ async def fallback(ctx: CaseContext) -> Info:
     title="a video result carries num_frames PNG frames in order (no result_frame unasked)",
 )
 async def video(ctx: CaseContext) -> str:
-    from protocol.messages import ImageToVideoParams
-
     cap = offer(ctx, "image-to-video")
-    params = ImageToVideoParams(
-        image=tiny_png(), width=64, height=64, fps=3, num_inference_steps=2, num_frames=2, seed=3
-    )
     wire, _ = await ctx.ready()
-    request = JobRequest("j5", "image-to-video", cap.model_id, params, preview_every=2)
+    request = video_request("j5", cap.model_id)
     accepted = await ctx.start(wire, request)
     f = cap.price_per_pixel_step * 64 * 64 * 2
     count = max(1, ctx.tickets_for(accepted, f, 2, accepted.credit))
