@@ -355,11 +355,10 @@ class JobRunner:
         if interval is None and attempt.delivered:
             speed = self.metrics.get(attempt.url, model_id).pixel_steps_per_second
             interval = pixels / speed if speed else None
-        first = (
-            self.metrics.get(attempt.url, model_id).first_step_seconds
-            if attempt.delivered == 0
-            else None
-        )
+        first = None
+        if attempt.delivered == 0:  # the longest first step seen there lately, or the average
+            recent = self.metrics.progress.first_step(attempt.url, model_id, pixels)
+            first = recent or self.metrics.get(attempt.url, model_id).first_step_seconds
         return stall_timeout(
             self.policy.rule,
             delivered=attempt.delivered,
@@ -391,7 +390,9 @@ class JobRunner:
             attempt.reason, attempt.detail = "unreachable", str(exc)
             return
         sent_at = time.monotonic()
-        attempt.clock = ProgressClock(sent_at)
+        attempt.clock = ProgressClock(
+            sent_at, prior=self.metrics.progress.gaps(attempt.url, model_id, pixels)
+        )
         control.started(job_id, attempt.url, session)
         preview_every, preview_method, preview_format, preview_frame = preview
         events = session.generate(
@@ -468,6 +469,9 @@ class JobRunner:
             attempt.reason = attempt.reason or "disconnect"
         finally:
             control.ended()
+            self.metrics.progress.record(
+                attempt.url, model_id, pixels, attempt.clock.seen, attempt.first_step
+            )
             with contextlib.suppress(BaseException):
                 await events.aclose()
             if attempt.result is None:

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from broadcaster.stall import ProgressHistory
+
 DEFAULT_ALPHA = 0.3
 """Weight of the newest sample in the moving averages."""
 OVERCLAIM_FACTOR = 1.5
@@ -89,6 +91,9 @@ class MetricsStore:
                 self._db.execute(f"ALTER TABLE speed ADD COLUMN {column} {kind}")
         self._db.commit()
         self.alpha = alpha
+        self.progress = ProgressHistory()
+        """Recent gaps between progress arrivals, per orchestrator (in memory, not in the
+        file): what the next job's stall deadline starts from (broadcaster/stall.py)."""
 
     def close(self) -> None:
         self._db.close()

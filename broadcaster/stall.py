@@ -7,12 +7,16 @@ orchestrator is left quickly and a slow one is not left early. The interval
 is the gap between `progress` arrivals as B sees it, estimated robustly: the
 largest of the recent gaps and a slow moving average, so that the longer
 gaps at window boundaries (a preview, a payment round trip) and a burst of
-jitter under CPU load raise the deadline instead of tripping it.
+jitter under CPU load raise the deadline instead of tripping it. The gaps
+of earlier jobs on the same orchestrator, model and size (ProgressHistory)
+count among them, so a job's first steps are judged by the jitter that
+orchestrator has shown, not by the two or three gaps seen so far.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 DEFAULT_STALL_FACTOR = 3.0
@@ -24,12 +28,21 @@ DEFAULT_STALL_FLOOR = 0.15
 class ProgressClock:
     """Gaps between `progress` arrivals: the interval a stall deadline scales with."""
 
-    def __init__(self, sent_at: float | None = None, keep: int = 16, alpha: float = 0.2) -> None:
+    def __init__(
+        self,
+        sent_at: float | None = None,
+        keep: int = 16,
+        alpha: float = 0.2,
+        prior: Iterable[float] = (),
+    ) -> None:
         self._sent_at = sent_at
         """When the job was sent: the first arrival after it is the first step's time."""
         self._first: float | None = None
-        self._gaps: deque[float] = deque(maxlen=keep)
-        """The last `keep` gaps: two windows of 8 steps, so a window boundary is always in."""
+        self._gaps: deque[float] = deque(prior, maxlen=keep)
+        """The last `keep` gaps: two windows of 8 steps, so a window boundary is always in.
+        It starts with `prior`, earlier jobs' gaps there, which this job's push out."""
+        self.seen: list[float] = []
+        """This try's own gaps, in order (what ProgressHistory keeps for the next job)."""
         self._alpha = alpha
         self._average: float | None = None
         self._last: float | None = None
@@ -42,6 +55,7 @@ class ProgressClock:
         else:
             gap = max(0.0, now - self._last)
             self._gaps.append(gap)
+            self.seen.append(gap)
             a = self._alpha
             self._average = gap if self._average is None else a * gap + (1 - a) * self._average
         self._last = now
@@ -55,7 +69,9 @@ class ProgressClock:
         stands in as well: two quick steps say little about the third.
         """
         if self._average is None:
-            return self._first
+            if self._first is None:
+                return None
+            return max(self._first, *self._gaps) if self._gaps else self._first
         measured = max(max(self._gaps), self._average)
         if len(self._gaps) < WARMUP_GAPS and self._first is not None:
             return max(measured, self._first)
@@ -64,6 +80,38 @@ class ProgressClock:
 
 WARMUP_GAPS = 4
 """Gaps seen before the measured ones alone set the interval."""
+
+
+class ProgressHistory:
+    """What earlier jobs showed of each orchestrator's rhythm: their last gaps between
+    `progress` arrivals and their first-step times, per (url, model, pixels per step).
+
+    Kept in memory only: jitter belongs to the machine's load of now, and a
+    broadcaster that runs many jobs (a gateway) is the one that needs it.
+    """
+
+    def __init__(self, keep_gaps: int = 16, keep_first_steps: int = 8) -> None:
+        self._gaps: dict[tuple[str, str, int], deque[float]] = {}
+        self._firsts: dict[tuple[str, str, int], deque[float]] = {}
+        self._keep_gaps, self._keep_firsts = keep_gaps, keep_first_steps
+
+    def gaps(self, url: str, model_id: str, pixels: int) -> list[float]:
+        """The last gaps seen there, oldest first (empty: no job seen)."""
+        return list(self._gaps.get((url, model_id, pixels), ()))
+
+    def first_step(self, url: str, model_id: str, pixels: int) -> float | None:
+        """The longest of the recent first-step times there, or None."""
+        firsts = self._firsts.get((url, model_id, pixels))
+        return max(firsts) if firsts else None
+
+    def record(
+        self, url: str, model_id: str, pixels: int, gaps: list[float], first_step: float | None
+    ) -> None:
+        key = (url, model_id, pixels)
+        if gaps:
+            self._gaps.setdefault(key, deque(maxlen=self._keep_gaps)).extend(gaps)
+        if first_step is not None:
+            self._firsts.setdefault(key, deque(maxlen=self._keep_firsts)).append(first_step)
 
 
 @dataclass(frozen=True)

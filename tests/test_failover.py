@@ -74,6 +74,11 @@ async def test_job_moves_and_resumes(
         assert runner.suspensions.reason(bad.url) is not None
         assert runner.suspensions.reason(good.url) is None
         assert runner.metrics.get(bad.url, TINY_SD).failures == 1
+        # What each try showed of its node's rhythm is kept for the next job's deadlines.
+        gaps_seen = runner.metrics.progress.gaps
+        assert len(gaps_seen(bad.url, TINY_SD, 64 * 64)) == 3  # steps 1-4 arrived there
+        assert len(gaps_seen(good.url, TINY_SD, 64 * 64)) == STEPS - 4 - 1
+        assert runner.metrics.progress.first_step(good.url, TINY_SD, 64 * 64) is not None
 
         # Resumed from the last delivered step: no delivered step ran twice.
         assert change.resumed and change.from_step == 4

@@ -10,6 +10,7 @@ from broadcaster.stall import (
     DEFAULT_STALL_FLOOR,
     WARMUP_GAPS,
     ProgressClock,
+    ProgressHistory,
     StallRule,
     stall_timeout,
 )
@@ -108,3 +109,33 @@ def test_clock_counts_the_first_step_until_it_has_seen_a_few_gaps() -> None:
         assert clock.interval == pytest.approx(0.9)
     clock.observe(t + 0.02)
     assert clock.interval == pytest.approx(0.02)
+
+
+def test_earlier_jobs_gaps_set_a_new_jobs_first_deadlines() -> None:
+    """A job whose first gaps are quick is judged by the longest gap that orchestrator
+    showed lately, not by its own two quick steps (a burst of load then trips nothing)."""
+    alone, seeded = ProgressClock(0.0), ProgressClock(0.0, prior=[0.05, 0.30, 0.06])
+    for clock in (alone, seeded):
+        for now in (0.04, 0.08, 0.12):
+            clock.observe(now)
+    assert alone.interval == pytest.approx(0.04)
+    assert seeded.interval == pytest.approx(0.30)
+    assert seeded.seen == pytest.approx([0.04, 0.04])  # its own gaps only
+
+
+def test_a_jobs_own_gaps_push_the_earlier_ones_out() -> None:
+    clock = ProgressClock(0.0, keep=4, prior=[0.5, 0.5])
+    for i in range(1, 6):
+        clock.observe(0.1 * i)
+    assert clock.interval == pytest.approx(0.1)
+
+
+def test_history_keeps_gaps_and_first_steps_per_orchestrator_model_and_size() -> None:
+    history = ProgressHistory(keep_gaps=3)
+    history.record("ws://a", "m", 4096, [0.1, 0.2, 0.3, 0.4], 0.5)
+    history.record("ws://a", "m", 4096, [], 0.9)
+    history.record("ws://a", "m", 4096, [0.05], None)
+    assert history.gaps("ws://a", "m", 4096) == pytest.approx([0.3, 0.4, 0.05])
+    assert history.first_step("ws://a", "m", 4096) == 0.9  # the longest lately
+    assert history.gaps("ws://b", "m", 4096) == [] and history.gaps("ws://a", "m", 1) == []
+    assert history.first_step("ws://a", "other", 4096) is None
