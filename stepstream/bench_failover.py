@@ -36,7 +36,13 @@ from broadcaster.failover import FailoverPolicy, JobRunner
 from broadcaster.metrics_store import MetricsStore
 from broadcaster.selection import SelectionConfig, Weights
 from broadcaster.suspension import Suspensions
-from protocol.job_events import JobError, JobResult, OrchestratorChanged, ProgressUpdate
+from protocol.job_events import (
+    Accepted,
+    JobError,
+    JobResult,
+    OrchestratorChanged,
+    ProgressUpdate,
+)
 from protocol.messages import TextToImageParams
 from runner.faults import FAULTS_ENV, FaultPlan
 from stepstream.processes import model_entry, orchestrator_process
@@ -47,6 +53,8 @@ class FailoverRun:
     recovery_seconds: float
     detection_seconds: float
     """From the stall to the move (OrchestratorChanged): the stall deadline's share."""
+    accept_seconds: float
+    """From the move to the new orchestrator's `accepted`: leaving the old, reaching the new."""
     median_step_seconds: float
     windows_paid_beyond_delivered: float
     windows_paid_beyond_kept: float
@@ -79,7 +87,7 @@ async def one_run(
         policy=policy,
     )
     arrivals: list[tuple[float, int]] = []
-    stall_at = recovered_at = moved_at = None
+    stall_at = recovered_at = moved_at = accepted_at = None
     change: OrchestratorChanged | None = None
     result: JobResult | None = None
     async for event in runner.generate(params, model_id=model_id, preview_every=every):
@@ -92,6 +100,8 @@ async def one_run(
             arrivals.append((now, event.step))
         elif isinstance(event, OrchestratorChanged):
             change, moved_at = event, now
+        elif isinstance(event, Accepted) and change is not None:
+            accepted_at = now
         elif isinstance(event, JobResult):
             result = event
         elif isinstance(event, JobError):
@@ -102,6 +112,7 @@ async def one_run(
         or stall_at is None
         or recovered_at is None
         or moved_at is None
+        or accepted_at is None
     ):
         raise RuntimeError("the bench job did not fail over and finish")
     intervals = [
@@ -115,6 +126,7 @@ async def one_run(
     return FailoverRun(
         recovered_at - stall_at,
         moved_at - stall_at,
+        accepted_at - moved_at,
         statistics.median(intervals),
         float(beyond_delivered / window_fee) if window_fee else 0.0,
         float(beyond_kept / window_fee) if window_fee else 0.0,
@@ -167,6 +179,8 @@ def run_failover_bench(args: argparse.Namespace) -> int:
         ]
     rec = [r.recovery_seconds for r in runs]
     detect = [r.detection_seconds / r.median_step_seconds for r in runs]
+    accept = [r.accept_seconds for r in runs]
+    start = [r.recovery_seconds - r.detection_seconds - r.accept_seconds for r in runs]
     steps = [r.recovery_in_steps for r in runs]
     step_s = statistics.median(r.median_step_seconds for r in runs)
     lost = [r.windows_paid_beyond_delivered for r in runs]
@@ -184,6 +198,10 @@ def run_failover_bench(args: argparse.Namespace) -> int:
         f"max {max(steps):8.1f}\n"
         f"  stall -> move, in intervals   median {statistics.median(detect):8.1f}, "
         f"max {max(detect):8.1f}\n"
+        f"  move -> accepted there        median {statistics.median(accept) * 1000:8.1f} ms, "
+        f"max {max(accept) * 1000:8.1f} ms\n"
+        f"  accepted -> next progress     median {statistics.median(start) * 1000:8.1f} ms, "
+        f"max {max(start) * 1000:8.1f} ms\n"
         f"  paid beyond delivered steps   median {statistics.median(lost):.2f} windows, "
         f"max {max(lost):.2f}\n"
         f"  paid beyond resumed-from step median {statistics.median(kept):.2f} windows, "
