@@ -378,10 +378,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="network",
-        choices=["network", "pipelines", "failover", "load"],
+        choices=["network", "pipelines", "failover", "load", "batching"],
         help="network: overhead per job; pipelines: per-step and preview costs; "
         "failover: recovery time and money lost per stall; load: many sessions on one "
-        "orchestrator",
+        "orchestrator; batching: throughput and latency per batch size",
+    )
+    bench.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batching: batch sizes, the first the baseline (default 1 2 4 8)",
     )
     bench.add_argument("--frames", type=int, default=4, help="video frames (bench pipelines)")
     bench.add_argument("--repeats", type=int, default=5, help="previews timed per method")
@@ -496,6 +503,10 @@ def _run(args: argparse.Namespace) -> int:
         from stepstream.bench_load import run_load_bench
 
         return run_load_bench(args)
+    if args.command == "bench" and args.what == "batching":
+        from stepstream.bench_batching import run_bench_batching
+
+        return run_bench_batching(args)
     if args.command == "bench" and args.what == "failover":
         from stepstream.bench_failover import run_failover_bench
 

@@ -1,0 +1,35 @@
+"""`stepstream bench batching` times every batch size it is asked for and judges the gain."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from stepstream.cli import main
+
+
+def test_bench_batching_prints_a_row_per_batch_size_and_a_verdict(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(
+        [
+            "bench",
+            "batching",
+            "--steps",
+            "2",
+            "--runs",
+            "1",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--size",
+            "64",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = re.findall(r"^\s+(\d+)\s+[\d.]+ ms\s+([\d.]+)\s+([\d.]+)x$", out, re.MULTILINE)
+    assert [int(batch) for batch, _, _ in rows] == [1, 2]
+    assert float(rows[0][2]) == 1.0  # batch 1 is the baseline
+    assert re.search(r"batching (pays|does not pay) here", out)
