@@ -1,7 +1,10 @@
 """`python -m pipelines.train_tiny`: make stepstream/tiny-shapes' weights from nothing.
 
-Deterministic for a seed (same torch build, CPU and thread count give the
-same bytes); about 25 CPU-minutes, under 30 minutes on a 2-core CPU. Stages,
+Deterministic for a seed: the same torch, diffusers and transformers
+versions, CPU and thread count give the same bytes. Other library versions
+give other bytes (the committed weights were written with transformers
+5.24.0; a rerun with 5.25.0 differs) that pass the same tests
+(tests/test_tiny_shapes.py). About 50 CPU-minutes, 27 minutes on a 2-core CPU. Stages,
 each timed (wall and CPU):
 
 1. VAE: AutoencoderKL on freshly drawn shape images: L1 + MSE, a small KL,
