@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import logging
 import secrets
 import time
@@ -30,6 +28,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from orchestrator.admission import ModelSlot, Offers, check_request
+from orchestrator.cashier import DEFAULT_FACE_VALUE, DEFAULT_REDEEM_COST_MULTIPLIER, Cashier
 from orchestrator.config import ModelEntry
 from orchestrator.connection_limits import ConnectionLimits
 from orchestrator.job_driver import JobDriver
@@ -40,7 +39,6 @@ from orchestrator.runner_pool import RunnerPool, RunnerSettings, default_runner_
 from protocol.balances import DEFAULT_BALANCE_TTL, SenderBalances
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection, State
-from protocol.credit import first_window_odds, ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.job_context import current_job_id
 from protocol.messages import (
@@ -73,33 +71,23 @@ from protocol.orchestrator_job import (
     make_quote,
     window_fee,
 )
-from protocol.pm import MAX_UINT256, address_of
+from protocol.pm import address_of
 from protocol.recipient import (
-    NonceLedger,
     PaymentReceipt,
-    Recipient,
     WinningTicket,
-    address_str,
 )
 from settlement.chain import SECONDS_PER_BLOCK, Settlement, offchain_block
 from settlement.eth import ChainError
-from settlement.redeemer import Redeemer
-from settlement.sender_monitor import SenderMonitor
-from settlement.winners import WinnerQueue
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-DEFAULT_FACE_VALUE = 10**15
-DEFAULT_TICKET_EV = 8 * 10**9  # go-livepeer's default ticket EV, for the info message
 LOADING_STATUS_SECONDS = 2.0
 """How often B hears `status` while its job waits for a model to load (spec 9.6)."""
 QUEUE_STATUS_SECONDS = 2.0
 """How often a queued job hears its place in the queue (spec 4.6)."""
 DEFAULT_MAX_QUEUED = 8
 """Jobs that may wait for each capability's slots (spec 4.6); more are refused no_capacity."""
-DEFAULT_REDEEM_COST_MULTIPLIER = 100
-"""Face value is kept at least this many times the gas a redemption costs."""
 __all__ = ["SECONDS_PER_BLOCK", "Orchestrator", "OrchestratorConfig", "offchain_block"]
 
 
@@ -165,23 +153,20 @@ class Orchestrator:
         self.config = config
         self.address = address_of(config.private_key)
         self._address_bytes = bytes.fromhex(self.address[2:])
-        # Derived from the key, so parameters issued before a restart still verify.
-        secret = hmac.new(config.private_key, b"stepstream recipient secret", hashlib.sha256)
-        self.recipient = Recipient(
-            self.address,
-            secret.digest(),
-            NonceLedger(),
-            validity_blocks=config.ticket_validity_blocks,
-        )
         self.offers = Offers.of(config.models)
         self.stats = Stats()
         self.metrics = OrchestratorMetrics()
-        self.settlement = config.settlement or Settlement(config.current_block)
-        self.winners = WinnerQueue(config.winners_db)
-        self.monitor = SenderMonitor(self.settlement, self.winners)
-        self.redeemer = Redeemer(
-            self.winners, self.settlement, on_redeemed=self.metrics.observe_redemptions
+        self.cashier = Cashier(
+            config.private_key,
+            self.address,
+            config.settlement or Settlement(config.current_block),
+            face_value=config.face_value,
+            redeem_cost_multiplier=config.redeem_cost_multiplier,
+            validity_blocks=config.ticket_validity_blocks,
+            winners_db=config.winners_db,
+            on_redeemed=self.metrics.observe_redemptions,
         )
+        """Ticket parameters out, tickets in, winners to the redeemer (spec 8)."""
         settings = config.runners or RunnerSettings(default_runner_devices())
         self.runners = RunnerPool(config.models, settings, self.metrics.runner_restarts.inc)
         self._clients: Tally[str] = Tally()
@@ -195,27 +180,6 @@ class Orchestrator:
     @property
     def slots(self) -> dict[tuple[str, str], ModelSlot]:
         return self.offers.slots
-
-    def describe_settlement(self) -> str:
-        """What happens to tickets here; logged at start-up (spec 8.6)."""
-        where = self.winners.path or "memory only (no --data-dir)"
-        return f"{self.settlement.describe()}; winners queued in {where}"
-
-    async def _settled(self, read: Callable[..., _T], *args: object) -> _T:
-        """A settlement read: in a thread where it may wait on a chain, inline off chain,
-        where it reads the clock and a thread hop would cost more than the read (three
-        of them on every `hello`)."""
-        if not self.settlement.redeems:
-            return read(*args)
-        return await anyio.to_thread.run_sync(read, *args)
-
-    async def current_block(self) -> int:
-        return await self._settled(self.settlement.block_number)
-
-    async def face_value(self) -> int:
-        """The configured face value, raised to stay above the cost of redeeming it."""
-        cost = await self._settled(self.settlement.redeem_cost)
-        return max(self.config.face_value, cost * self.config.redeem_cost_multiplier)
 
     async def load_warm_models(self, on_loaded: Callable[[str], None] | None = None) -> None:
         """Load every model marked warm. One that fails is logged and left cold.
@@ -267,9 +231,9 @@ class Orchestrator:
         The redeemer runs alongside; it starts with the winners a previous
         run left pending.
         """
-        log.info("%s", self.describe_settlement())
+        log.info("%s", self.cashier.describe())
         async with self.runners.active(), anyio.create_task_group() as tg:
-            tg.start_soon(self.redeemer.run)
+            tg.start_soon(self.cashier.redeemer.run)
             try:
                 async with serve(
                     self.handle,
@@ -376,29 +340,7 @@ class Orchestrator:
     async def _info(self, sender: bytes, first_payment: bool = False) -> Info:
         """The advertisement; with `first_payment`, also the parameters that pay the first
         window of this connection's jobs, one-ticket EVs a factor of 4 apart (spec 8.11)."""
-        face = await self.face_value()
-        issue = await self._settled(self.settlement.issue_round)
-        block = await self.current_block()
-
-        def issue_params(face_value: int, win_prob: int) -> TicketParams:
-            return self.recipient.issue_params(
-                sender,
-                face_value,
-                win_prob,
-                block,
-                secrets.token_bytes(16),
-                issue.round,
-                issue.block_hash,
-            )
-
-        params = issue_params(
-            face, min(MAX_UINT256, max(1, DEFAULT_TICKET_EV * MAX_UINT256 // face))
-        )
-        first = (
-            [issue_params(face_value, win_prob) for face_value, win_prob in first_window_odds(face)]
-            if first_payment
-            else []
-        )
+        params, first = await self.cashier.info_params(sender, first_payment)
         return Info(
             orchestrator=self._address_bytes,
             capabilities=tuple(self._advertise(s) for s in self.slots.values()),
@@ -442,7 +384,7 @@ class Orchestrator:
             steps = await runner.plan(dataclasses.replace(req, job_id=runner_job_id))
             price = slot.entry.price_per_pixel_step
             fee = window_fee(price * shape.pixels_per_step, req.preview_every, steps)
-            params = await self._job_params(peer.sender, fee)
+            params = await self.cashier.job_params(peer.sender, fee)
         except ProtocolError as err:
             slot.release()
             await self._refuse(peer, req, err)
@@ -507,7 +449,7 @@ class Orchestrator:
             ticket_params=attached.ticket_params,
             tickets=attached.tickets,
         )
-        receipt = await self._receive_tickets(payment, peer.first_seeds)
+        receipt = await self.cashier.receive(payment, peer.first_seeds)
         self._count_tickets(receipt)
         if receipt.error is not None:
             log.info("job %s: attached payment refused: %s", req.job_id, receipt.error)
@@ -601,15 +543,6 @@ class Orchestrator:
         log.info("job %s refused: %s", req.job_id, err)
         await peer.send(error_message(err.code.value, err.message, req.job_id))
 
-    async def _job_params(self, sender: bytes, window_fee: Fraction) -> TicketParams:
-        """Parameters whose ticket is worth one window (spec 8.2), valid from this block."""
-        face_value, win_prob = ticket_odds(window_fee, await self.face_value())
-        issue = await self._settled(self.settlement.issue_round)
-        block, salt = await self.current_block(), secrets.token_bytes(16)
-        return self.recipient.issue_params(
-            sender, face_value, win_prob, block, salt, issue.round, issue.block_hash
-        )
-
     async def _run(self, driver: JobDriver) -> None:
         current_job_id.set(driver.job.job_id)
         async with self.runners.use(driver.job.request.model_id):
@@ -636,38 +569,10 @@ class Orchestrator:
 
     # ------------------------------------------------------------ payments
 
-    async def _receive_tickets(
-        self, payment: Payment, job_seeds: set[bytes] | None = None
-    ) -> PaymentReceipt:
-        """Validate a payment against its job's parameters (`job_seeds`; None: unchecked),
-        the chain's block and round and the sender's max float (spec 8.4, 8.8), and queue
-        its winners durably before anyone acknowledges it (8.6)."""
-        try:
-            block = await self.current_block()
-            sender = address_str(payment.sender)
-            max_float = await self._settled(self.monitor.max_float, sender)
-            creation_round = payment.ticket_params.creation_round
-            rounds = await self._settled(self.settlement.round_view, creation_round)
-        except ChainError as exc:
-            return PaymentReceipt(
-                error=ProtocolError(ErrorCode.INTERNAL_ERROR, f"chain unavailable: {exc}")
-            )
-        receipt = self.recipient.receive(payment, block, max_float, rounds, job_seeds)
-        if receipt.winners:
-            try:
-                await anyio.to_thread.run_sync(self.winners.add, receipt.winners)
-            except Exception as exc:  # a disk fault: credit nothing we cannot keep
-                log.error("cannot queue winning tickets: %s", exc)
-                return PaymentReceipt(
-                    error=ProtocolError(ErrorCode.INTERNAL_ERROR, "cannot store winning tickets")
-                )
-            self.redeemer.notify()
-        return receipt
-
     async def _take_payment(self, link: _Link, payment: Payment) -> None:
         # The job it names: running, or (a late payment, spec 5.3) the one that just ended.
         named = link.driver if link.driver and link.driver.job.job_id == payment.job_id else None
-        receipt = await self._receive_tickets(payment, named.job.issued_seeds if named else set())
+        receipt = await self.cashier.receive(payment, named.job.issued_seeds if named else set())
         self._count_tickets(receipt)
         driver = link.live_job(payment.job_id)
         if driver is None:
@@ -704,11 +609,11 @@ class _Host:
     started: float = field(default_factory=time.monotonic)
 
     async def current_block(self) -> int:
-        return await self.orch.current_block()
+        return await self.orch.cashier.current_block()
 
     async def refreshed_params(self, job: OrchestratorJob) -> TicketParams:
         self.orch.stats.params_refreshed += 1
-        return await self.orch._job_params(self.sender, job.window_fee)
+        return await self.orch.cashier.job_params(self.sender, job.window_fee)
 
     def job_ended(self, job: OrchestratorJob, outcome: JobOutcome) -> None:
         self.slot.observe_duration(time.monotonic() - self.started)

@@ -9,15 +9,11 @@ import sys
 import anyio
 from tqdm import tqdm
 
+from orchestrator.cashier import DEFAULT_FACE_VALUE, DEFAULT_REDEEM_COST_MULTIPLIER
 from orchestrator.config import ConfigError, ModelEntry, load_ai_models
 from orchestrator.connection_limits import ConnectionLimits
 from orchestrator.runner_pool import RunnerSettings, default_runner_devices
-from orchestrator.server import (
-    DEFAULT_FACE_VALUE,
-    DEFAULT_REDEEM_COST_MULTIPLIER,
-    Orchestrator,
-    OrchestratorConfig,
-)
+from orchestrator.server import Orchestrator, OrchestratorConfig
 from protocol.pm import address_of
 from settlement.chain import settlement_for
 from settlement.eth import ChainError
@@ -72,7 +68,7 @@ async def _serve(orch: Orchestrator, models: list[ModelEntry], args: argparse.Na
     """Listen first (a port in use fails at once), redeem what an earlier run left
     pending, then load the warm models; the redeemer runs whatever the models do."""
     log.info("recipient address %s", orch.address)
-    pending = orch.winners.counts()["pending"]
+    pending = orch.cashier.winners.counts()["pending"]
     if pending:
         log.info("%d winning tickets from an earlier run are pending redemption", pending)
     try:

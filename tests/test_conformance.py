@@ -110,7 +110,7 @@ async def failures(
         if job_type is not None:
             lo.orch.job_type = job_type  # type: ignore[misc]
         if nonces is not None:
-            lo.orch.recipient.nonces = nonces
+            lo.orch.cashier.recipient.nonces = nonces
         options = Options(url=lo.url, key=secrets.token_bytes(32), timeout=8.0)
         report = await run_suite(options, REGISTRY.select(patterns, slow=False))
     verdicts = {r.name: r.verdict for r in report.results if r.name != CLEANUP_CASE}

@@ -234,12 +234,12 @@ async def test_winning_tickets_redeem_on_the_embedded_chain(
         result = events[-1]
         assert isinstance(result, JobResult) and result.winners == result.tickets_sent == 3
         with anyio.fail_after(60):
-            await running.orch.redeemer.wait_settled()
-        queued = running.orch.winners.all()
+            await running.orch.cashier.redeemer.wait_settled()
+        queued = running.orch.cashier.winners.all()
         assert [q.status for q in queued] == ["redeemed"] * 3
         face = sum(q.winner.ticket.face_value for q in queued)
         assert face == math.ceil(result.fee / 3) * 3
-        assert o_chain.fee_pool() == face == running.orch.redeemer.fee_pool
+        assert o_chain.fee_pool() == face == running.orch.cashier.redeemer.fee_pool
         info = o_chain.sender_info(address_of(b_key))
         assert info.deposit == ETH - face
 
@@ -248,8 +248,8 @@ async def test_winning_tickets_redeem_on_the_embedded_chain(
         with pytest.raises(ChainError, match="ticket is used"):
             o_chain.redeem(first)
         # ...and the redeemer, asked again, checks usedTickets and sends nothing.
-        running.orch.redeemer.settle(queued[0])
-        assert running.orch.redeemer.redeemed == 3
+        running.orch.cashier.redeemer.settle(queued[0])
+        assert running.orch.cashier.redeemer.redeemed == 3
         assert o_chain.fee_pool() == face
 
 
@@ -279,7 +279,7 @@ async def test_winner_of_an_expired_round_is_refused_before_credit(
         assert (credit.credit, credit.tickets_accepted, credit.winners) == (0, 0, 0)
         assert error.code == "ticket_round_invalid" and "expired" in error.message
         assert running.orch.stats.ev_received == 0
-        assert running.orch.winners.counts()["pending"] == 0
+        assert running.orch.cashier.winners.counts()["pending"] == 0
         # Parameters issued now name the current round, and pay.
         async with BroadcasterSession(running.url, b_key) as session:
             events = [e async for e in session.generate(small(2), model_id=TINY_SD)]

@@ -106,7 +106,7 @@ def test_key_never_in_reprs_or_logs(caplog: pytest.LogCaptureFixture) -> None:
     config = OrchestratorConfig([entry], private_key=key, settlement=settlement)
     with caplog.at_level(logging.DEBUG):
         orch = Orchestrator(config)
-        logging.getLogger("test").info("%r %r %s", config, settlement, orch.describe_settlement())
+        logging.getLogger("test").info("%r %r %s", config, settlement, orch.cashier.describe())
     text = repr(config) + repr(settlement) + repr(settlement.broker) + caplog.text
     assert address_of(key) in text  # the address is public...
     assert key.hex() not in text and key.hex().upper() not in text  # ...the key is not
@@ -144,9 +144,9 @@ async def test_face_value_stays_above_redemption_cost() -> None:
     eth = chain.w3.eth
     cost = gas * (eth.get_block("latest")["baseFeePerGas"] + eth.max_priority_fee)
     assert cost > 0
-    assert await orch.face_value() == 100 * cost
+    assert await orch.cashier.face_value() == 100 * cost
     # A window cheaper than that is paid by a ticket with the floor's face value.
-    params = await orch._job_params(bytes(19) + b"\x01", window_fee=1000)
+    params = await orch.cashier.job_params(bytes(19) + b"\x01", window_fee=1000)
     assert params.face_value == 100 * cost and params.win_prob < MAX_UINT256
 
 
@@ -220,13 +220,13 @@ async def test_queued_winners_are_redeemed_by_a_restarted_orchestrator(tmp_path:
     )
     async with orch.serve("127.0.0.1", 0):
         with anyio.fail_after(60):
-            await orch.redeemer.wait_settled()
-    assert orch.winners.counts() == {PENDING: 0, REDEEMED: 2, FAILED: 0}
-    assert all(chain.account(o_key).is_redeemed(r.ticket_hash) for r in orch.winners.all())
-    assert json.dumps(orch.winners.counts())
+            await orch.cashier.redeemer.wait_settled()
+    assert orch.cashier.winners.counts() == {PENDING: 0, REDEEMED: 2, FAILED: 0}
+    assert all(chain.account(o_key).is_redeemed(r.ticket_hash) for r in orch.cashier.winners.all())
+    assert json.dumps(orch.cashier.winners.counts())
     # The fees earned are what the chain records, in the log and in the metrics.
-    face = sum(r.winner.ticket.face_value for r in orch.winners.all())
-    assert o_chain.fee_pool() == face == orch.redeemer.fee_pool
+    face = sum(r.winner.ticket.face_value for r in orch.cashier.winners.all())
+    assert o_chain.fee_pool() == face == orch.cashier.redeemer.fee_pool
     assert orch.metrics.fee_pool._value.get() == face  # noqa: SLF001
     assert orch.metrics.redemptions._value.get() == 2  # noqa: SLF001
 
@@ -263,9 +263,9 @@ async def test_a_ticket_over_the_reserve_share_is_refused() -> None:
     sender = TicketSender(b_key)
 
     async def pay_one() -> PaymentReceipt:
-        params = await orch._job_params(sender.address_bytes, window_fee=Fraction(10**9))
+        params = await orch.cashier.job_params(sender.address_bytes, window_fee=Fraction(10**9))
         assert params.face_value == 5 * 10**16 and params.creation_round > 0
-        receipt = await orch._receive_tickets(sender.pay("j", params, 1))
+        receipt = await orch.cashier.receive(sender.pay("j", params, 1))
         assert not receipt.winners  # 1 in 50 million: nothing queued to muddle the float
         return receipt
 
