@@ -28,6 +28,7 @@ from fractions import Fraction
 
 import anyio
 
+from broadcaster.deadlines import leave_queue, too_slow
 from broadcaster.discovery import Discovery
 from broadcaster.hardware import HardwareFilter
 from broadcaster.job_control import JobControl
@@ -40,7 +41,6 @@ from broadcaster.selection import (
     SelectionConfig,
     candidates,
     choose,
-    for_deadline,
 )
 from broadcaster.session import BroadcasterSession, SessionError
 from broadcaster.stall import (
@@ -440,27 +440,33 @@ class JobRunner:
                     # Alive in a phase without steps (a load, a decode, a queue): wait as
                     # promised; the deadline counts the wait all the same.
                     last_progress, promised = now, event.next_within_ms / 1000
-                yield self._to_client(attempt, event)
+                yield attempt.to_client(event)
                 if isinstance(event, Accepted):
                     await control.accepted()
                 if ended:
                     break
                 if isinstance(event, JobStatus) and event.queue_position is not None:
-                    work = pixels * planned_steps(params)
-                    leave = self._leave_queue(event, chosen, pipeline, model_id, work, deadline_at)
+                    leave = leave_queue(
+                        event,
+                        chosen=chosen,
+                        others=self._others(pipeline, model_id, {chosen.url: "queued there"}),
+                        pixel_steps=pixels * planned_steps(params),
+                        now=time.monotonic(),
+                        deadline_at=deadline_at,
+                    )
                     if leave is not None:
                         attempt.reason, attempt.detail = leave
                         break
                 if isinstance(event, ProgressUpdate) and deadline_at is not None:
-                    late = self._too_slow(
-                        attempt,
-                        event,
-                        now,
-                        deadline_at,
-                        chosen,
-                        pipeline,
-                        model_id,
-                        pixels,
+                    late = too_slow(
+                        rate=attempt.rate.steps_per_second,
+                        left=event.total_steps - event.step,
+                        now=now,
+                        deadline_at=deadline_at,
+                        pixels=pixels,
+                        others=lambda: self._others(
+                            pipeline, model_id, {chosen.url: "running the job"}
+                        ),
                     )
                     if late:
                         attempt.reason, attempt.detail = "too_slow", late
@@ -522,77 +528,6 @@ class JobRunner:
             attempt.reason, attempt.detail = classify(event, attempt.accepted is not None)
             return True
         return False
-
-    def _too_slow(
-        self,
-        attempt: Try,
-        event: ProgressUpdate,
-        now: float,
-        deadline_at: float,
-        chosen: Candidate,
-        pipeline: str,
-        model_id: str,
-        pixels: int,
-    ) -> str | None:
-        """Why the job should move for its deadline, or None while it can still make it here."""
-        rate = attempt.rate.steps_per_second
-        left = event.total_steps - event.step
-        if rate <= 0 or left <= 0:
-            return None
-        projected = now + left / rate
-        if projected <= deadline_at:
-            return None
-        found = self._others(pipeline, model_id, {chosen.url: "running the job"})
-        if not for_deadline(found, pixels * left, deadline_at - now):
-            return None  # nobody else is measured to do better: finish here, late
-        return (
-            f"projected finish {projected - deadline_at:.2f} s past the deadline "
-            f"at {rate:.1f} steps/s with {left} steps left"
-        )
-
-    def _leave_queue(
-        self,
-        event: JobStatus,
-        chosen: Candidate,
-        pipeline: str,
-        model_id: str,
-        pixel_steps: int,
-        deadline_at: float | None,
-    ) -> tuple[str, str] | None:
-        """Whether the job leaves the queue it waits in (spec 4.6), as (reason, detail), or
-        None to wait: `queued` to go to an orchestrator with a free slot now; with a
-        deadline the queue's estimate says this one cannot make, `queued` to go to one
-        projected to make it, else `deadline` to give up unpaid (M6, M7: the wait counts)."""
-        found = self._others(pipeline, model_id, {chosen.url: "queued there"})
-        place = f"queued at position {event.queue_position}"
-        free = [c for c in found if c.has_room]
-        if free:
-            return "queued", f"{place}; {free[0].url} has a free slot"
-        if deadline_at is None or not event.estimated_start_ms:
-            return None
-        now = time.monotonic()
-        start = event.estimated_start_ms / 1000
-        finish = start + (chosen.projected_seconds(pixel_steps) or 0.0)
-        if now + finish <= deadline_at:
-            return None
-        late = (
-            f"{place} at {chosen.url}, expected to start in {start:.2f} s and finish in "
-            f"{finish:.2f} s, past the deadline by {now + finish - deadline_at:.2f} s"
-        )
-        if for_deadline(found, pixel_steps, deadline_at - now):
-            return "queued", late
-        return "deadline", f"no offer can finish within the deadline: {late}"
-
-    def _to_client(self, attempt: Try, event: Event) -> Event:
-        """Steps of a resumed try count from its resume step; the client sees schedule steps."""
-        off = attempt.offset
-        if off == 0:
-            return event
-        if isinstance(event, ProgressUpdate):
-            return replace(event, step=event.step + off, total_steps=event.total_steps + off)
-        if isinstance(event, PreviewFrame):
-            return replace(event, step=event.step + off)
-        return event
 
     def _account(self, attempt: Try, model_id: str, claimed: float | None = None) -> None:
         """Metrics (the speed seen, with the node's claim: spec 4.5) and suspension for a

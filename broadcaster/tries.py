@@ -8,12 +8,19 @@ each try when the job gives up, and sums money and steps into the result.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 
 from broadcaster.stall import ProgressClock
 from protocol.errors import ErrorCode
-from protocol.job_events import Accepted, JobError, JobResult
+from protocol.job_events import (
+    Accepted,
+    Event,
+    JobError,
+    JobResult,
+    PreviewFrame,
+    ProgressUpdate,
+)
 from protocol.rate import StepRate
 
 QUOTE_ERRORS = frozenset({ErrorCode.PRICE_TOO_HIGH.value, ErrorCode.INVALID_TICKET_PARAMS.value})
@@ -47,6 +54,17 @@ class Try:
     def step_fee(self) -> Fraction:
         a = self.accepted
         return a.fee / a.steps if a is not None and a.steps else Fraction(0)
+
+    def to_client(self, event: Event) -> Event:
+        """Steps of a resumed try count from its resume step; the client sees schedule steps."""
+        off = self.offset
+        if off == 0:
+            return event
+        if isinstance(event, ProgressUpdate):
+            return replace(event, step=event.step + off, total_steps=event.total_steps + off)
+        if isinstance(event, PreviewFrame):
+            return replace(event, step=event.step + off)
+        return event
 
     def describe(self) -> str:
         return f"{self.url} ({self.reason}: {self.detail})"
