@@ -409,6 +409,10 @@ class JobRunner:
             resume=resume,
         )
         last_progress = sent_at
+        """The last sign of life (the job sent, `accepted`, `progress`, `status`)."""
+        first_gap: float | None = None
+        """From the last sign of life to the first `progress`: what the first-step deadline
+        times (so a queue's wait or a model's load, both before `accepted`, is not in it)."""
         alone, alone_checked = False, -math.inf
         promised = 0.0
         """Seconds the orchestrator's last `status` promised its next message within."""
@@ -431,10 +435,12 @@ class JobRunner:
                     attempt.detail = f"no progress for {timeout:.2f} s after step {at}"
                     break
                 now = time.monotonic()
+                if isinstance(event, ProgressUpdate) and attempt.delivered == 0:
+                    first_gap = now - last_progress
                 ended = self._observe(attempt, event, now, sent_at)
                 if isinstance(event, JobError) and control.cancel_requested:
                     attempt.reason = "cancelled"
-                if isinstance(event, ProgressUpdate):
+                if isinstance(event, ProgressUpdate | Accepted):
                     last_progress, promised = now, 0.0
                 elif isinstance(event, JobStatus):
                     # Alive in a phase without steps (a load, a decode, a queue): wait as
@@ -476,7 +482,7 @@ class JobRunner:
         finally:
             control.ended()
             self.metrics.progress.record(
-                attempt.url, model_id, pixels, attempt.clock.seen, attempt.first_step
+                attempt.url, model_id, pixels, attempt.clock.seen, first_gap
             )
             with contextlib.suppress(BaseException):
                 await events.aclose()

@@ -192,3 +192,37 @@ async def test_the_gateway_streams_the_place_in_the_queue() -> None:
     loading = JobStatus(job_id="j", phase="loading", next_within_ms=4000)
     assert event_json(loading, earlier) is None
     assert "queued" in SUPERSEDING
+
+
+async def test_a_wait_in_the_queue_does_not_count_as_a_first_step(
+    tiny_model: LoadedModel,
+) -> None:
+    """The first-step time that later stall deadlines scale with (spec 15.1) runs from
+    `accepted`: a job that waited seconds in a queue does not teach B to wait seconds
+    for the next job's first step there."""
+    async with loopback_orchestrator(tiny_model, FaultPlan(step_seconds=0.5), capacity=1) as lo:
+        a_running = anyio.Event()
+        runner = JobRunner(
+            Discovery([lo.url], secrets.token_bytes(32)), secrets.token_bytes(32),
+            metrics=MetricsStore(), policy=TEST_POLICY,
+        )  # fmt: skip
+        async with (
+            BroadcasterSession(lo.url, secrets.token_bytes(32)) as a,
+            anyio.create_task_group() as tg,
+        ):
+
+            async def run_a() -> None:
+                async for event in a.generate(small(4), model_id=TINY_SD, preview_every=2):
+                    if isinstance(event, Accepted):
+                        a_running.set()
+
+            tg.start_soon(run_a)
+            await a_running.wait()
+            sent = anyio.current_time()
+            accepted = None
+            async for event in runner.generate(small(4), model_id=TINY_SD, preview_every=2):
+                if isinstance(event, Accepted):
+                    accepted = anyio.current_time()
+        assert accepted is not None and accepted - sent > 1.0  # it waited for A's 4 slow steps
+        first = runner.metrics.progress.first_step(lo.url, TINY_SD, 64 * 64)
+        assert first is not None and first < (accepted - sent) / 2
