@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -80,7 +79,6 @@ from settlement.chain import SECONDS_PER_BLOCK, Settlement, offchain_block
 from settlement.eth import ChainError
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 LOADING_STATUS_SECONDS = 2.0
 """How often B hears `status` while its job waits for a model to load (spec 9.6)."""
