@@ -9,6 +9,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
 from broadcaster.discovery import Discovery
@@ -36,6 +37,24 @@ from tests.loopback import FaultPlan, loopback_orchestrator
 pytestmark = pytest.mark.anyio
 
 
+async def hold_the_slot(
+    tg: anyio.abc.TaskGroup, session: BroadcasterSession, events: list[Event] | None = None
+) -> None:
+    """Start a 4-step job on `session` in `tg` and return once it is accepted: it then holds
+    the slot until it ends (its events go to `events`)."""
+    accepted = anyio.Event()
+
+    async def run() -> None:
+        async for event in session.generate(small(4), model_id=TINY_SD, preview_every=2):
+            if events is not None:
+                events.append(event)
+            if isinstance(event, Accepted):
+                accepted.set()
+
+    tg.start_soon(run)
+    await accepted.wait()
+
+
 async def queue_scenario(url: str) -> tuple[list[Event], list[Event], list[int]]:
     """Job A takes the only slot; job B, sent while A runs, waits in the queue and runs once A
     ends. Returns A's events, B's events, and the `queued` count a third connection saw."""
@@ -43,22 +62,13 @@ async def queue_scenario(url: str) -> tuple[list[Event], list[Event], list[int]]
     a_events: list[Event] = []
     b_events: list[Event] = []
     queued_seen: list[int] = []
-    a_running = anyio.Event()
     async with (
         BroadcasterSession(url, key) as a,
         BroadcasterSession(url, key) as b,
         BroadcasterSession(url, key) as watcher,
         anyio.create_task_group() as tg,
     ):
-
-        async def run_a() -> None:
-            async for event in a.generate(small(4), model_id=TINY_SD, preview_every=2):
-                a_events.append(event)
-                if isinstance(event, Accepted):
-                    a_running.set()
-
-        tg.start_soon(run_a)
-        await a_running.wait()
+        await hold_the_slot(tg, a, a_events)
         async for event in b.generate(small(4), model_id=TINY_SD, preview_every=2):
             b_events.append(event)
             if isinstance(event, JobStatus) and event.phase == "queued" and not queued_seen:
@@ -92,21 +102,13 @@ async def test_a_full_orchestrator_queues_a_job_and_starts_it_when_a_slot_frees(
 async def test_a_queued_job_may_be_cancelled_unpaid(tiny_model: LoadedModel) -> None:
     async with loopback_orchestrator(tiny_model, FaultPlan(step_seconds=0.5), capacity=1) as lo:
         key = secrets.token_bytes(32)
-        a_running = anyio.Event()
         events: list[Event] = []
         async with (
             BroadcasterSession(lo.url, key) as a,
             BroadcasterSession(lo.url, key) as b,
             anyio.create_task_group() as tg,
         ):
-
-            async def run_a() -> None:
-                async for event in a.generate(small(4), model_id=TINY_SD, preview_every=2):
-                    if isinstance(event, Accepted):
-                        a_running.set()
-
-            tg.start_soon(run_a)
-            await a_running.wait()
+            await hold_the_slot(tg, a)
             async for event in b.generate(small(4), model_id=TINY_SD, job_id="queued-1"):
                 events.append(event)
                 if isinstance(event, JobStatus):
@@ -201,7 +203,6 @@ async def test_a_wait_in_the_queue_does_not_count_as_a_first_step(
     `accepted`: a job that waited seconds in a queue does not teach B to wait seconds
     for the next job's first step there."""
     async with loopback_orchestrator(tiny_model, FaultPlan(step_seconds=0.5), capacity=1) as lo:
-        a_running = anyio.Event()
         runner = JobRunner(
             Discovery([lo.url], secrets.token_bytes(32)), secrets.token_bytes(32),
             metrics=MetricsStore(), policy=TEST_POLICY,
@@ -210,14 +211,7 @@ async def test_a_wait_in_the_queue_does_not_count_as_a_first_step(
             BroadcasterSession(lo.url, secrets.token_bytes(32)) as a,
             anyio.create_task_group() as tg,
         ):
-
-            async def run_a() -> None:
-                async for event in a.generate(small(4), model_id=TINY_SD, preview_every=2):
-                    if isinstance(event, Accepted):
-                        a_running.set()
-
-            tg.start_soon(run_a)
-            await a_running.wait()
+            await hold_the_slot(tg, a)
             sent = anyio.current_time()
             accepted = None
             async for event in runner.generate(small(4), model_id=TINY_SD, preview_every=2):
