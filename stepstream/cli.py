@@ -88,6 +88,16 @@ def _fraction(text: str) -> Fraction:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _add_hardware_flags(parser: argparse.ArgumentParser) -> None:
     """Offers filtered by the hardware nodes advertise (spec 4.5)."""
     parser.add_argument(
@@ -385,7 +395,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--batch-sizes",
-        type=int,
+        type=_positive,
         nargs="+",
         default=None,
         help="batching: batch sizes, the first the baseline (default 1 2 4 8)",
@@ -433,7 +443,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--step-seconds", type=float, default=0.0, help="failover: extra seconds per step"
     )
     bench.add_argument(
-        "--runs", type=int, default=None, help="jobs timed (network: 9, the others: 5)"
+        "--runs", type=_positive, default=None, help="jobs timed (network: 9, the others: 5)"
     )
     bench.add_argument(
         "--matrix",

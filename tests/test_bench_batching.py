@@ -33,3 +33,13 @@ def test_bench_batching_prints_a_row_per_batch_size_and_a_verdict(
     assert [int(batch) for batch, _, _ in rows] == [1, 2]
     assert float(rows[0][2]) == 1.0  # batch 1 is the baseline
     assert re.search(r"batching (pays|does not pay) here", out)
+
+
+@pytest.mark.parametrize("flag", [["--batch-sizes", "1", "0"], ["--runs", "0"]])
+def test_bench_refuses_a_batch_size_or_run_count_below_one(
+    flag: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "batching", *flag])
+    assert exit_.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
