@@ -24,7 +24,13 @@ from protocol.credit import first_window_odds, ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Payment, TicketParams
 from protocol.pm import MAX_UINT256
-from protocol.recipient import NonceLedger, PaymentReceipt, Recipient, address_str
+from protocol.recipient import (
+    MAX_NONCES_PER_RAND,
+    NonceLedger,
+    PaymentReceipt,
+    Recipient,
+    address_str,
+)
 from settlement.chain import Settlement
 from settlement.eth import ChainError
 from settlement.redeemer import Redeemer
@@ -52,13 +58,17 @@ class Cashier:
         face_value: int = DEFAULT_FACE_VALUE,
         redeem_cost_multiplier: int = DEFAULT_REDEEM_COST_MULTIPLIER,
         validity_blocks: int = 40,
+        nonces_per_rand: int = MAX_NONCES_PER_RAND,
         winners_db: Path | None = None,
         on_redeemed: Callable[..., None] | None = None,
     ) -> None:
         # Derived from the key, so parameters issued before a restart still verify.
         secret = hmac.new(private_key, b"stepstream recipient secret", hashlib.sha256)
         self.recipient = Recipient(
-            address, secret.digest(), NonceLedger(), validity_blocks=validity_blocks
+            address,
+            secret.digest(),
+            NonceLedger(per_rand=nonces_per_rand),
+            validity_blocks=validity_blocks,
         )
         self.settlement = settlement
         self.winners = WinnerQueue(winners_db)

@@ -55,6 +55,9 @@ class JobHost(Protocol):
 
     async def refreshed_params(self, job: OrchestratorJob) -> TicketParams: ...
 
+    def nonces_used(self, params: TicketParams) -> int:
+        """Nonces the recipient has recorded for these parameters (spec 8.5)."""
+
     def job_ended(self, job: OrchestratorJob, outcome: JobOutcome) -> None:
         """Free the job's capacity and count it; called before B hears the end."""
 
@@ -146,7 +149,9 @@ class JobDriver:
         if isinstance(item, Begin) and item.waited_us:
             self.host.grant_waited(job, item.step, item.waited_us / 1e6)
         refresh = isinstance(item, Done) and job.phase is Phase.RUNNING
-        if refresh and job.params_expiring(await self.host.current_block()):
+        if refresh and job.needs_fresh_params(
+            await self.host.current_block(), self.host.nonces_used(job.ticket_params)
+        ):
             job.use_params(await self.host.refreshed_params(job))
         return job.on_runner(item, now)
 

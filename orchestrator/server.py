@@ -71,10 +71,7 @@ from protocol.orchestrator_job import (
     window_fee,
 )
 from protocol.pm import address_of
-from protocol.recipient import (
-    PaymentReceipt,
-    WinningTicket,
-)
+from protocol.recipient import MAX_NONCES_PER_RAND, PaymentReceipt, WinningTicket
 from settlement.chain import SECONDS_PER_BLOCK, Settlement, offchain_block
 from settlement.eth import ChainError
 
@@ -106,6 +103,8 @@ class OrchestratorConfig:
     ticket_validity_blocks: int = 40
     refresh_blocks: int = 10
     """Fresh ticket parameters go out when the job's expire within this many blocks."""
+    nonces_per_rand: int = MAX_NONCES_PER_RAND
+    """go-livepeer's cap on a rand's nonces (spec 8.5); fresh parameters go out at half."""
     runners: RunnerSettings | None = None
     """Managed runners; None: one per GPU, else one CPU slot (orchestrator/runner_pool.py)."""
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
@@ -161,6 +160,7 @@ class Orchestrator:
             face_value=config.face_value,
             redeem_cost_multiplier=config.redeem_cost_multiplier,
             validity_blocks=config.ticket_validity_blocks,
+            nonces_per_rand=config.nonces_per_rand,
             winners_db=config.winners_db,
             on_redeemed=self.metrics.observe_redemptions,
         )
@@ -416,6 +416,7 @@ class Orchestrator:
             quote,
             payment_timeout=self.config.payment_timeout,
             refresh_blocks=self.config.refresh_blocks,
+            refresh_nonces=self.config.nonces_per_rand // 2,
             runner_job_id=runner_job_id,
             features=features,
         )
@@ -612,6 +613,9 @@ class _Host:
     async def refreshed_params(self, job: OrchestratorJob) -> TicketParams:
         self.orch.stats.params_refreshed += 1
         return await self.orch.cashier.job_params(self.sender, job.window_fee)
+
+    def nonces_used(self, params: TicketParams) -> int:
+        return self.orch.cashier.recipient.nonces.count(params.recipient_rand_hash)
 
     def job_ended(self, job: OrchestratorJob, outcome: JobOutcome) -> None:
         self.slot.observe_duration(time.monotonic() - self.started)

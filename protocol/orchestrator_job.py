@@ -46,6 +46,7 @@ from protocol.messages import (
     error_message,
 )
 from protocol.pricing import pixel_steps
+from protocol.recipient import MAX_NONCES_PER_RAND
 from protocol.runner import (
     Awaiting,
     Begin,
@@ -174,6 +175,7 @@ class OrchestratorJob:
         *,
         payment_timeout: float,
         refresh_blocks: int = 10,
+        refresh_nonces: int = MAX_NONCES_PER_RAND // 2,
         stop_timeout: float = 60.0,
         runner_job_id: str | None = None,
         features: frozenset[str] = frozenset(),
@@ -195,6 +197,9 @@ class OrchestratorJob:
         self.window_fee = window_fee(fee_per_step, quote.window_steps, quote.steps)
         self.payment_timeout = payment_timeout
         self.refresh_blocks = refresh_blocks
+        self.refresh_nonces = refresh_nonces
+        """Fresh parameters once this many nonces used the job's current ones: half of
+        the cap leaves B the other half to pay with until the fresh ones reach it."""
         self.stop_timeout = stop_timeout
         """Seconds the runner has to confirm a stop; after that the job ends without it."""
         self.ticket_params = quote.ticket_params
@@ -324,11 +329,13 @@ class OrchestratorJob:
 
     # ---------------------------------------------------- parameter refresh
 
-    def params_expiring(self, block: int) -> bool:
-        """Whether the next progress must carry fresh parameters (spec 8.9)."""
+    def needs_fresh_params(self, block: int, nonces_used: int) -> bool:
+        """Whether the next progress must carry fresh parameters (spec 8.9): the job's
+        expire soon, or `nonces_used` of their nonces wear them out."""
         if self.phase is Phase.ENDED or self._fresh_params is not None:
             return False
-        return self.ticket_params.expiration_block - block <= self.refresh_blocks
+        expiring = self.ticket_params.expiration_block - block <= self.refresh_blocks
+        return expiring or nonces_used >= self.refresh_nonces
 
     def use_params(self, params: TicketParams) -> None:
         """Fresh parameters, sent with the next progress and used from then on."""

@@ -95,15 +95,16 @@ class LedgerFull(Exception):
 class NonceLedger:
     """Sender nonces seen per recipient_rand_hash, bounded in memory.
 
-    Keeps at most `max_rands` rand hashes with at most MAX_NONCES_PER_RAND
-    nonces each. Rands past their expiration block are forgotten (their
+    Keeps at most `max_rands` rand hashes with at most `per_rand` nonces each
+    (MAX_NONCES_PER_RAND, go-livepeer's cap). Rands past their expiration block are forgotten (their
     tickets are refused as expired anyway); when the ledger is full of live
     ones it refuses new parameters rather than forget nonces that could
     then be replayed.
     """
 
-    def __init__(self, max_rands: int = 100_000) -> None:
+    def __init__(self, max_rands: int = 100_000, per_rand: int = MAX_NONCES_PER_RAND) -> None:
         self.max_rands = max_rands
+        self.per_rand = per_rand
         self._seen: dict[bytes, tuple[int, set[int]]] = {}
 
     def check_and_record(
@@ -119,10 +120,15 @@ class NonceLedger:
             entry = (expiration_block, set())
             self._seen[rand_hash] = entry
         nonces = entry[1]
-        if nonce in nonces or len(nonces) >= MAX_NONCES_PER_RAND:
+        if nonce in nonces or len(nonces) >= self.per_rand:
             return False
         nonces.add(nonce)
         return True
+
+    def count(self, rand_hash: bytes) -> int:
+        """Nonces recorded for this rand: how worn its parameters are (spec 8.9)."""
+        entry = self._seen.get(rand_hash)
+        return 0 if entry is None else len(entry[1])
 
     def prune(self, current_block: int) -> None:
         """Forget rands whose parameters expired: their tickets are refused anyway."""
@@ -293,10 +299,13 @@ class Recipient:
                 ErrorCode.INTERNAL_ERROR, f"cannot take tickets now ({exc}); retry later"
             )
         if not fresh:
-            return ProtocolError(
-                ErrorCode.TICKET_NONCE_REPLAYED,
-                f"sender_nonce {nonce} already used for these parameters",
+            used = self.nonces.count(params.recipient_rand_hash)
+            why = (
+                f"these parameters already carried {used} nonces, the most one rand takes"
+                if used >= self.nonces.per_rand
+                else f"sender_nonce {nonce} already used for these parameters"
             )
+            return ProtocolError(ErrorCode.TICKET_NONCE_REPLAYED, why)
         return None
 
     def _check_funds(

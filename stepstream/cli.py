@@ -23,6 +23,7 @@ from orchestrator.connection_limits import (
 )
 from runner.args import add_runner_parser
 from stepstream.conformance_command import add_conformance_parser
+from stepstream.interrupt import until_interrupted
 from stepstream.logs import configure_logging
 
 EXIT_CODES = """exit codes:
@@ -482,7 +483,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "orchestrator":
         from stepstream.run_orchestrator import run_orchestrator
 
-        return anyio.run(run_orchestrator, args)
+        return anyio.run(until_interrupted, lambda: run_orchestrator(args))
     if args.command == "gateway":
         from stepstream.run_gateway import run_gateway
 
@@ -490,7 +491,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "generate":
         from stepstream.generate import run_generate
 
-        return anyio.run(run_generate, args)
+        return anyio.run(until_interrupted, lambda: run_generate(args))
     if args.command == "keys":
         from stepstream.keys_command import run_keys
 
@@ -502,7 +503,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "runner":
         from runner.main import run_runner
 
-        return anyio.run(run_runner, args)
+        if args.managed:  # its orchestrator ends it; SIGINT stays ignored (see main)
+            return anyio.run(run_runner, args)
+        return anyio.run(until_interrupted, lambda: run_runner(args))
     if args.command == "bench" and args.runs is None:
         args.runs = 9 if args.what == "network" else 5
     if args.command == "bench" and args.what == "pipelines":

@@ -12,6 +12,8 @@ from typing import Any
 
 import anyio
 
+from stepstream.interrupt import until_interrupted
+
 SERVE_DEFAULT_MODEL = "stepstream/tiny-sd"
 
 
@@ -100,14 +102,14 @@ def run_conformance(args: argparse.Namespace) -> int:
     if args.list:
         return _list(args)
     if args.serve:
-        return anyio.run(_serve, args)
+        return anyio.run(until_interrupted, lambda: _serve(args))
     if not args.url:
         print("stepstream conformance: give ws://HOST:PORT, or --serve", file=sys.stderr)
         return 2
     if not args.url.startswith(("ws://", "wss://")):
         print(f"stepstream conformance: not a ws:// URL: {args.url}", file=sys.stderr)
         return 2
-    return anyio.run(_check_orchestrator, args)
+    return anyio.run(until_interrupted, lambda: _check_orchestrator(args))
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from protocol.orchestrator_job import (
     make_quote,
     window_fee,
 )
+from protocol.recipient import MAX_NONCES_PER_RAND
 from protocol.runner import Awaiting, Begin, Done, Failed, Grant, Output, Run, RunnerPreview, Stop
 
 STEPS, EVERY, PIXELS, PRICE = 8, 2, 64 * 64, Fraction(3)
@@ -180,15 +181,25 @@ def test_fresh_parameters_ride_the_next_progress_once() -> None:
     job = new_job(expires=100)
     job.start(0.0)
     job.on_payment(pay(2), 0.0)
-    assert not job.params_expiring(89)
-    assert job.params_expiring(90)
+    assert not job.needs_fresh_params(89, nonces_used=0)
+    assert job.needs_fresh_params(90, nonces_used=0)
     fresh = params(expires=140, seed=b"\x01" * 32)
     job.use_params(fresh)
-    assert not job.params_expiring(200)  # one refresh at a time
+    assert not job.needs_fresh_params(200, nonces_used=0)  # one refresh at a time
     first = to_b(job.on_runner(Done("j", 1), 0.0))[0]
     second = to_b(job.on_runner(Done("j", 2), 0.0))[0]
     assert first.ticket_params == fresh and second.ticket_params is None
     assert job.ticket_params == fresh
+
+
+def test_parameters_worn_to_half_the_nonce_cap_are_refreshed_before_they_run_out() -> None:
+    # A long job pays more tickets than one rand takes (600, spec 8.5): fresh parameters
+    # go out at half, so B still has nonces to pay with until they reach it.
+    job = new_job(expires=100)
+    job.start(0.0)
+    assert job.refresh_nonces == MAX_NONCES_PER_RAND // 2 == 300
+    assert not job.needs_fresh_params(50, nonces_used=299)
+    assert job.needs_fresh_params(50, nonces_used=300)
 
 
 def test_output_ends_the_job_with_its_result_after_capacity_is_freed() -> None:

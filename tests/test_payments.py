@@ -314,6 +314,21 @@ async def test_ticket_params_refresh_mid_job(tiny_model: LoadedModel) -> None:
     assert isinstance(events[-1], JobError) and events[-1].code == "ticket_params_expired"
 
 
+async def test_a_job_paying_more_tickets_than_one_rand_takes_gets_fresh_parameters(
+    tiny_model: LoadedModel,
+) -> None:
+    """A rand takes a bounded number of nonces (600 in go-livepeer, 8 here); a job that
+    pays more tickets than that runs to its end on parameters refreshed as they wear."""
+    async with orchestrator_on_loopback(tiny_model, nonces_per_rand=8) as running:
+        async with BroadcasterSession(running.url, secrets.token_bytes(32)) as session:
+            events = [
+                e async for e in session.generate(small(24), model_id=TINY_SD, preview_every=1)
+            ]
+        assert running.orch.stats.tickets_received > 8
+        assert running.orch.stats.params_refreshed >= running.orch.stats.tickets_received // 8
+    assert isinstance(events[-1], JobResult) and events[-1].steps == 24
+
+
 class UnderpayingSession(BroadcasterSession):
     """Pays the first window and then stops paying."""
 
