@@ -26,8 +26,14 @@ KNOWN_FIELDS = frozenset(
         "price_per_unit",
         "pixels_per_unit",
         "currency",
+        "max_batch",
+        "batch_wait_ms",
     }
 )
+
+
+MAX_BATCH = 64
+MAX_BATCH_WAIT_MS = 60_000
 
 
 class ConfigError(Exception):
@@ -45,6 +51,11 @@ class ModelEntry:
     """An external runner serving this model (ws:// or wss://; http(s):// is read as ws(s)://)."""
     token: str | None = None
     """The bearer token that runner expects."""
+    max_batch: int = 1
+    """Jobs that may run as one batch (spec/RUNNER.md 5.2); the runner enables it only
+    where a gain it measures pays and batched bytes match; 1: off."""
+    batch_wait_ms: int = 0
+    """How long a job waits for others to share its batch."""
 
 
 def _int_field(entry: dict[str, Any], name: str, default: int, where: str) -> int:
@@ -92,7 +103,18 @@ def parse_entry(entry: Any, where: str) -> ModelEntry | None:
         price = price_from_ai_models(price_per_unit, pixels_per_unit, pipeline)
     except ValueError as exc:
         raise ConfigError(f"{label}: {exc}") from None
-    return ModelEntry(pipeline, model_id, warm, capacity, price, url, token)
+    max_batch = _int_field(entry, "max_batch", 1, label)
+    if not 1 <= max_batch <= MAX_BATCH:
+        raise ConfigError(f"{label}: 'max_batch' must be from 1 to {MAX_BATCH}")
+    batch_wait_ms = _int_field(entry, "batch_wait_ms", 0, label)
+    if not 0 <= batch_wait_ms <= MAX_BATCH_WAIT_MS:
+        raise ConfigError(f"{label}: 'batch_wait_ms' must be from 0 to {MAX_BATCH_WAIT_MS}")
+    if max_batch > capacity:
+        log.warning("%s: max_batch %d above capacity %d: batches stay below", label, max_batch,
+                    capacity)  # fmt: skip
+    return ModelEntry(
+        pipeline, model_id, warm, capacity, price, url, token, max_batch, batch_wait_ms
+    )
 
 
 def runner_url(value: Any, label: str) -> str | None:

@@ -160,11 +160,12 @@ class RunnerClient:
             raise RunnerUnavailable(str(reply))
         return reply
 
-    async def load(self, model_id: str) -> ModelState:
+    async def load(self, model_id: str, max_batch: int = 1, batch_wait_ms: int = 0) -> ModelState:
         """Load a model on the runner; ProtocolError(model_unavailable) when it cannot."""
         if model_id in self.models:
             return self.models[model_id]
-        reply = await self._request(("load", model_id), Load(model_id))
+        load = Load(model_id, max_batch, batch_wait_ms)
+        reply = await self._request(("load", model_id), load)
         if isinstance(reply, LoadFailed):
             raise ProtocolError(ErrorCode.MODEL_UNAVAILABLE, reply.message)
         return reply.model

@@ -68,6 +68,7 @@ class RunnerPool:
         self.settings = settings
         self.warm = {e.model_id for e in entries if e.warm}
         self.external = {e.model_id: (e.url, e.token or "") for e in entries if e.url}
+        self.batching = {e.model_id: (e.max_batch, e.batch_wait_ms) for e in entries}
         self.managed = [
             ManagedRunner(d, settings.memory_budget, settings.offload, on_restart)
             for d in settings.devices
@@ -157,12 +158,12 @@ class RunnerPool:
         try:
             if model_id in self.external:
                 client = await self._external(model_id)
-                state = await client.load(model_id)
+                state = await client.load(model_id, *self.batching.get(model_id, (1, 0)))
                 self.measured[model_id] = state
                 return client, state
             async with self._lock:
                 client = await self._place(model_id)
-                state = await client.load(model_id)
+                state = await client.load(model_id, *self.batching.get(model_id, (1, 0)))
                 self.footprints[model_id] = state.footprint_bytes
                 self.measured[model_id] = state
                 return client, state

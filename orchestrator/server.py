@@ -220,6 +220,8 @@ class Orchestrator:
             queued=len(slot.queue),
             step_seconds=measured.step_seconds if measured else None,
             step_pixels=measured.step_pixels if measured else 0,
+            batch_gains=measured.batch_gains if measured else (),
+            max_batch=min(measured.max_batch, entry.capacity) if measured else 1,
         )
 
     @contextlib.asynccontextmanager

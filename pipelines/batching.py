@@ -14,25 +14,30 @@ The UNet's layers are made batch-invariant (pipelines/batch_invariance.py), and
 runner enables batching only where a batched job's image is byte-identical.
 
 Between steps every member's hooks run in turn: its `on_step_end` with its own
-row of the latents, then its `wait_for_step`. A member whose grant has not come
-holds the batch (it pauses, and the others with it); one whose wait raises (a
-stop: cancelled, or its payment timed out at the orchestrator) leaves the
-batch, keeping that error, and the others go on. Its row is still computed
-until the run ends, but nothing of it is sent.
+row of the latents, then the wait for its next step's grant. A member whose wait
+raises (a stop: cancelled, or its payment timed out at the orchestrator) leaves
+the batch with that error. A member whose grant has not come pauses the batch,
+for at most the `patience` given (two of its steps and 50 ms by default): then
+it leaves with its latents (`Member.left`), to go on alone from that step once
+its credit comes (pipelines/resume.py), and the others go on. Without patience
+(a model that cannot resume) the batch waits for it. A row that left is still
+computed until the run ends, but nothing of it is sent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from pipelines.batch_invariance import make_batch_invariant
 from pipelines.job_pipeline import job_pipeline
+from pipelines.resume import ResumePoint
 from pipelines.stepping import StepHooks, generators
 from pipelines.text_to_image import executed_steps, validate_text_to_image
 from protocol.messages import TextToImageParams
@@ -59,19 +64,47 @@ class Member:
     seed: int
     error: BaseException | None = None
     """Why it left the batch (its hook raised); None while it is in."""
+    left: ResumePoint | None = field(default=None, repr=False)
+    """Where it left for want of credit: the steps done and their latents."""
+    left_before_start: bool = False
+    """It left for want of its first step's grant: it runs alone, from the start."""
     image: Image.Image | None = field(default=None, repr=False)
+
+
+LEAVE_AFTER_STEPS = 2.0
+LEAVE_FLOOR = 0.05
+"""A member whose grant is late leaves after this many of the batch's steps plus this many
+seconds: well inside a broadcaster's stall deadline (3 intervals + 0.15 s, spec 15.1)."""
+
+
+def default_patience(step_seconds: float) -> float:
+    """How long the batch waits for a member's grant, after a step of `step_seconds`."""
+    return LEAVE_AFTER_STEPS * step_seconds + LEAVE_FLOOR
+
+
+@runtime_checkable
+class GrantWithin(Protocol):
+    def granted_within(self, step: int, seconds: float) -> bool:
+        """Wait at most `seconds` for step `step`'s grant: whether it came (raise to stop)."""
 
 
 class _AllLeft(Exception):
     """Every member has left: the run stops at once."""
 
 
-def run_text_to_image_batch(model: LoadedModel, members: Sequence[Member]) -> None:
+def run_text_to_image_batch(
+    model: LoadedModel,
+    members: Sequence[Member],
+    patience: Callable[[float], float] | None = None,
+    on_leave: Callable[[Member], None] | None = None,
+) -> None:
     """Run `members` (equal `batch_key`s) as one pipeline call.
 
-    Sets each member's `image`, or its `error` when one of its hooks raised; the
-    others are not affected by it. Errors of the run itself (the pipeline
-    failing) propagate, for every member alike.
+    Sets each member's `image`, or its `error` when one of its hooks raised, or
+    `left` when its grant was later than `patience(last step's seconds)` (members
+    whose hooks have `granted_within`); `on_leave(member)` runs as it leaves. The
+    others are not affected. Errors of the run itself (the pipeline failing)
+    propagate, for every member alike.
     """
     if len({batch_key(m.params) for m in members}) != 1 or batch_key(members[0].params) is None:
         raise ValueError("these jobs cannot share a run")
@@ -80,20 +113,45 @@ def run_text_to_image_batch(model: LoadedModel, members: Sequence[Member]) -> No
     first = members[0].params
     total = executed_steps(first, model)
     live = list(members)
-    _each(live, lambda m: m.hooks.wait_for_step(1))
+    rows = {id(m): row for row, m in enumerate(members)}
+    ready = [time.perf_counter()]
+
+    def leave(member: Member) -> None:
+        live.remove(member)
+        if on_leave is not None:
+            on_leave(member)
+
+    def first_step(m: Member) -> None:
+        if patience is None or not isinstance(m.hooks, GrantWithin):
+            m.hooks.wait_for_step(1)
+        elif not m.hooks.granted_within(1, patience(0.0)):
+            m.left_before_start = True
+            leave(m)
+
+    _each(live, first_step, leave)
     if not live:
         return
 
-    rows = {id(m): row for row, m in enumerate(members)}
-
     def on_step_end(pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         step, latents = i + 1, kwargs["latents"]
-        _each(live, lambda m: m.hooks.on_step_end(step, latents[rows[id(m)]][None]))
+        step_seconds = time.perf_counter() - ready[0]
+        _each(live, lambda m: m.hooks.on_step_end(step, latents[rows[id(m)]][None]), leave)
         steps = getattr(pipe, "num_timesteps", None) or total
         if step < steps:
-            _each(live, lambda m: m.hooks.wait_for_step(step + 1))
+            wait = None if patience is None else patience(step_seconds)
+            deadline = None if wait is None else time.perf_counter() + wait
+
+            def next_step(m: Member) -> None:
+                if deadline is None or not isinstance(m.hooks, GrantWithin):
+                    m.hooks.wait_for_step(step + 1)
+                elif not m.hooks.granted_within(step + 1, deadline - time.perf_counter()):
+                    m.left = ResumePoint(step, latents[rows[id(m)]][None].clone())
+                    leave(m)
+
+            _each(live, next_step, leave)
         if not live:
             raise _AllLeft
+        ready[0] = time.perf_counter()
         return kwargs
 
     with (
@@ -115,7 +173,7 @@ def run_text_to_image_batch(model: LoadedModel, members: Sequence[Member]) -> No
             callback_on_step_end_tensor_inputs=["latents"],
         )
         for member, image in zip(members, out.images, strict=True):
-            if member.error is None:
+            if member in live:
                 member.image = image
 
 
@@ -123,14 +181,15 @@ _PER_JOB_TEXT = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 """encode_prompt's text arguments, one entry per job of the batch (SD and SDXL)."""
 
 
-def _each(live: list[Member], call: Any) -> None:
-    """`call(m)` for every live member; one that raises leaves, with its error."""
+def _each(live: list[Member], call: Any, leave: Callable[[Member], None]) -> None:
+    """`call(m)` for every live member (it may `leave`); one that raises leaves, with its
+    error."""
     for member in list(live):
         try:
             call(member)
         except Exception as exc:
             member.error = exc
-            live.remove(member)
+            leave(member)
 
 
 @contextlib.contextmanager

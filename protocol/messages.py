@@ -53,6 +53,9 @@ class Message:
     SENDER: ClassVar[frozenset[Role]]
 
 
+Gain = Annotated[float, Float(0.0, 1e6)]
+"""A throughput ratio (a batch's over one job's)."""
+
 B = frozenset({Role.BROADCASTER})
 O = frozenset({Role.ORCHESTRATOR})  # noqa: E741 - the spec's name for the role
 BOTH = B | O
@@ -151,6 +154,10 @@ class Capability:
     """The node's claim of its speed: one warm step of the reference job, timed at load."""
     step_pixels: Annotated[UInt64, Added()] = 0
     """Pixels of that reference step (the model's default size, times its frames)."""
+    batch_gains: Annotated[tuple[Gain, ...], Items(0, 3), Added()] = ()
+    """Throughput of a batch of 2, 4, 8 jobs over one job, measured at load (spec 4.5)."""
+    max_batch: Annotated[UInt32, Added()] = 1
+    """Jobs of this capability that may run as one batch; 1: never batched."""
 
     @property
     def claimed_pixel_steps_per_second(self) -> float | None:

@@ -27,6 +27,7 @@ AUTH_HEADER = "Authorization"
 Message = Any
 Code = Annotated[str, Str(1, 64)]
 Text = Annotated[str, Str(0, 1024)]
+Gain = Annotated[float, Float(0.0, 1e6)]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class ModelState:
     """One warm step of the reference job, timed at load (RUNNER.md 5.1); None: not timed."""
     step_pixels: Annotated[UInt64, Added()] = 0
     """Pixels of that step: the model's default size, times its frames."""
+    batch_gains: Annotated[tuple[Gain, ...], Items(0, 3), Added()] = ()
+    """Throughput at batch 2, 4, 8 over batch 1, timed at load up to the Load's max_batch."""
+    max_batch: Annotated[UInt32, Added()] = 1
+    """The batch the runner runs (RUNNER.md 5.2): 1 unless a gain paid and bytes matched."""
 
 
 # ----------------------------------------------------- runner -> orchestrator
@@ -188,6 +193,10 @@ class Failed:
 class Load:
     TYPE: ClassVar[str] = "load"
     model_id: ModelId
+    max_batch: Annotated[UInt32, Added()] = 1
+    """Jobs the runner may run as one batch (RUNNER.md 5.2); 1: never batched."""
+    batch_wait_ms: Annotated[UInt32, Added()] = 0
+    """How long a job waits for others to batch with, when batching is on."""
 
 
 @dataclass(frozen=True)

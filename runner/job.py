@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import anyio
 import torch
@@ -30,7 +31,7 @@ from pipelines.dispatch import JobOutput, executed_steps, png_bytes, resume_poin
 from pipelines.errors import InvalidRequest
 from pipelines.loader import LoadedModel
 from pipelines.previews import StepPreviews
-from pipelines.resume import latents_later, resume_scheduler_name
+from pipelines.resume import ResumePoint, latents_later, resume_scheduler_name
 from protocol.errors import ErrorCode
 from protocol.fields import UINT32_MAX
 from protocol.messages import MAX_LATENTS_BYTES, Latents, ResultImage
@@ -49,6 +50,9 @@ from protocol.runner import (
     Working,
 )
 from runner.faults import Faults
+
+if TYPE_CHECKING:
+    from runner.batcher import Batcher
 from runner.outbox import ConnectionLost, Outbox
 
 HEARTBEAT_SECONDS = 2.0
@@ -84,8 +88,11 @@ class RunnerJob:
         model: LoadedModel,
         send: Callable[[Message], Awaitable[None]],
         faults: Faults | None = None,
+        batcher: Batcher | None = None,
     ) -> None:
         self.request = run.request
+        self._batcher = batcher
+        """Where the job runs when its model batches (runner/batcher.py); None: alone."""
         self.model = model
         self.seed = run.seed
         self._send = send
@@ -102,6 +109,9 @@ class RunnerJob:
         self._preview: Future[Message] | None = None
         """The preview being rendered on a worker: at most one a job."""
         self._preview_since: float | None = None
+        self._ready_since: dict[int, float] = {}
+        """When each step still waiting for its grant was ready (announced once, even when
+        a batch leaves the job and it waits on alone)."""
 
     # ------------------------------------------------- called from the loop
 
@@ -163,7 +173,10 @@ class RunnerJob:
     async def _outcome(self) -> list[Message]:
         job_id = self.request.job_id
         try:
-            output = await anyio.to_thread.run_sync(self._run_blocking)
+            if self._batcher is not None:
+                output = await self._batcher.run(self)
+            else:
+                output = await anyio.to_thread.run_sync(self.run_blocking)
         except ConnectionLost:
             raise
         except Stopped as stopped:
@@ -202,18 +215,30 @@ class RunnerJob:
 
     # ---------------------------------------- called from the worker thread
 
-    def _run_blocking(self) -> JobOutput:
+    def run_blocking(self) -> JobOutput:
+        """The job alone, in this (worker) thread."""
+        req = self.request
+        resume = resume_point(req.params, req.resume, self.model) if req.resume else None
+        self.prepare(resume.step if resume else 0)
+        output = run_job(self.model, req.params, self, self.seed, resume=resume)
+        self.settle_preview()
+        return output
+
+    def continue_blocking(self, point: ResumePoint) -> JobOutput:
+        """The job alone from where it left a batch (`point`: its steps done and latents)."""
+        hooks = _Offset(self, point.step)
+        output = run_job(self.model, self.request.params, hooks, self.seed, resume=point)
+        self.settle_preview()
+        return output
+
+    def prepare(self, resumed_at: int = 0) -> None:
+        """Before the first step, alone or in a batch: the steps and previews to expect."""
         req, model = self.request, self.model
-        params = req.params
-        resume = resume_point(params, req.resume, model) if req.resume else None
-        total = executed_steps(params, model) - (resume.step if resume else 0)
+        total = executed_steps(req.params, model) - resumed_at
         self._total = total
         self._previews = StepPreviews(model, req, total)
         if req.want_latents:
             self._resume_scheduler = resume_scheduler_name(model.pipe)
-        output = run_job(model, params, self, self.seed, resume=resume)
-        self._settle_preview()
-        return output
 
     def _enter(self, phase: str | None) -> None:
         self._phase_since = time.monotonic()
@@ -230,22 +255,33 @@ class RunnerJob:
         `begin` says how long the step waited for its grant once it was ready (0
         when the grant was there already): the time money held up the device.
         """
-        ready, announced = time.perf_counter(), False
+        self.granted_within(step, math.inf)
+
+    def granted_within(self, step: int, seconds: float) -> bool:
+        """`wait_for_step` for at most `seconds`: False when the grant has not come (a batch
+        then goes on without the job, runner/batcher.py); raises Stopped."""
+        ready = self._ready_since.get(step, time.perf_counter())
+        deadline = time.perf_counter() + seconds
         while True:
             with self._cond:
                 if self.gate.stop is not None:
                     raise Stopped(self.gate.stop)
                 if self.gate.admit(step):
                     break
-                if announced:
-                    self._cond.wait()
+                left = deadline - time.perf_counter()
+                if step in self._ready_since:
+                    if left <= 0:
+                        return False
+                    self._cond.wait(None if math.isinf(left) else left)
                     continue
+            self._ready_since[step] = ready
             self._emit(Awaiting(self.request.job_id, step))
-            announced = True
+        announced = self._ready_since.pop(step, None) is not None
         waited = round((time.perf_counter() - ready) * 1e6) if announced else 0
         if self._faults is not None:
             self._faults.before_step(step)
         self._emit(Begin(self.request.job_id, step, min(waited, UINT32_MAX)))
+        return True
 
     def on_step_end(self, step: int, latents: torch.Tensor) -> None:
         """Queue the step's preview and `done`, and go on: a step without a preview does
@@ -253,7 +289,7 @@ class RunnerJob:
         spec 15.3); a preview renders on a worker while the next steps run."""
         assert self._previews is not None
         if self._previews.due(step):
-            self._settle_preview()  # one at a time: a slow one holds the steps back
+            self.settle_preview()  # one at a time: a slow one holds the steps back
             shown = self._previews.scaled(step, latents)  # a new tensor: the steps move on
             self._preview = _workers().submit(self._render, step, shown)
             self._emit(self._preview)
@@ -277,7 +313,7 @@ class RunnerJob:
         finally:
             self._preview_since = None
 
-    def _settle_preview(self) -> None:
+    def settle_preview(self) -> None:
         """Wait for the preview in flight; its failure is the pipeline's."""
         if self._preview is not None:
             preview, self._preview = self._preview, None
@@ -307,3 +343,16 @@ class RunnerJob:
             while self.gate.stop is None:
                 self._cond.wait()
             raise Stopped(self.gate.stop)
+
+
+class _Offset:
+    """A job's hooks for a run that starts `done` steps in: run step k is job step done + k."""
+
+    def __init__(self, job: RunnerJob, done: int) -> None:
+        self._job, self._done = job, done
+
+    def wait_for_step(self, step: int) -> None:
+        self._job.wait_for_step(self._done + step)
+
+    def on_step_end(self, step: int, latents: torch.Tensor) -> None:
+        self._job.on_step_end(self._done + step, latents)

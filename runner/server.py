@@ -51,10 +51,11 @@ from protocol.runner import (
     decode,
     encode,
 )
+from runner.batcher import BatchClaim, Batcher, measure_batching
 from runner.faults import FaultPlan, Faults
 from runner.job import RunnerJob
 from runner.outbox import ConnectionLost
-from runner.reference import StepClaim, hardware, measure_step
+from runner.reference import StepClaim, hardware, measure_step, reference_size
 
 log = logging.getLogger(__name__)
 AGENT = "stepstream-runner/0.1"
@@ -73,7 +74,9 @@ class RunnerConfig:
     """Faults injected into every job (runner/faults.py); None in production."""
 
 
-def model_state(model: LoadedModel, claim: StepClaim | None = None) -> ModelState:
+def model_state(
+    model: LoadedModel, claim: StepClaim | None = None, batching: BatchClaim | None = None
+) -> ModelState:
     return ModelState(
         model_id=model.model_id,
         family=model.family,
@@ -83,6 +86,8 @@ def model_state(model: LoadedModel, claim: StepClaim | None = None) -> ModelStat
         resume_scheduler=resume_scheduler_name(model.pipe),
         step_seconds=claim.seconds if claim else None,
         step_pixels=claim.pixels if claim else 0,
+        batch_gains=batching.gains if batching else (),
+        max_batch=batching.max_batch if batching else 1,
     )
 
 
@@ -97,11 +102,15 @@ class RunnerServer:
         self.claims: dict[str, StepClaim] = {}
         """Each loaded model's step, timed at load (runner/reference.py)."""
         self._load_locks: dict[str, anyio.Lock] = {}
+        self.batching: dict[str, BatchClaim] = {}
+        """Each model's batch gains and size, timed at load when its Load asked (5.2)."""
+        self.batchers: dict[str, Batcher] = {}
+        """The models that batch, and their jobs' batches."""
 
     def memory_bytes(self) -> int:
         return device_memory_bytes(self.config.device, self.config.memory_budget)
 
-    async def load(self, model_id: str) -> LoadedModel:
+    async def load(self, model_id: str, max_batch: int = 1, batch_wait_ms: int = 0) -> LoadedModel:
         lock = self._load_locks.setdefault(model_id, anyio.Lock())
         async with lock:
             if model_id not in self.models:
@@ -112,7 +121,16 @@ class RunnerServer:
                     load_model, model_id, self.config.device, self.config.offload
                 )
                 await self.adopt(model)
-            return self.models[model_id]
+            model = self.models[model_id]
+            if max_batch > 1 and model_id not in self.batching:
+                width, height, _ = reference_size(model)
+                claim = await anyio.to_thread.run_sync(
+                    measure_batching, model, max_batch, width, height
+                )
+                self.batching[model_id] = claim
+                if claim.max_batch > 1:
+                    self.batchers[model_id] = Batcher(model, claim.max_batch, batch_wait_ms / 1000)
+            return model
 
     async def adopt(self, model: LoadedModel, claim: StepClaim | None = None) -> None:
         """Hold a loaded model, its step timed first (the node's speed claim) unless `claim`
@@ -124,10 +142,14 @@ class RunnerServer:
         self.models[model.model_id] = model
 
     def state(self, model: LoadedModel) -> ModelState:
-        return model_state(model, self.claims.get(model.model_id))
+        return model_state(
+            model, self.claims.get(model.model_id), self.batching.get(model.model_id)
+        )
 
     def unload(self, model_id: str) -> None:
         self.claims.pop(model_id, None)
+        self.batching.pop(model_id, None)
+        self.batchers.pop(model_id, None)
         if self.models.pop(model_id, None) is not None:
             gc.collect()
             if torch.device(self.config.device).type == "cuda":
@@ -198,7 +220,7 @@ class RunnerServer:
         tg: anyio.abc.TaskGroup,
     ) -> None:
         if isinstance(message, Load):
-            tg.start_soon(self._answer_load, message.model_id, send)
+            tg.start_soon(self._answer_load, message, send)
         elif isinstance(message, Unload):
             self.unload(message.model_id)
             tg.start_soon(send, Unloaded(message.model_id))
@@ -224,9 +246,10 @@ class RunnerServer:
         else:
             log.warning("ignoring %s from the orchestrator", type(message).__name__)
 
-    async def _answer_load(self, model_id: str, send: Send) -> None:
+    async def _answer_load(self, load: Load, send: Send) -> None:
+        model_id = load.model_id
         try:
-            model = await self.load(model_id)
+            model = await self.load(model_id, load.max_batch, load.batch_wait_ms)
         except ModelNotFound as exc:
             text = str(exc)[:1024]
             reply: Message = LoadFailed(model_id, ErrorCode.MODEL_UNAVAILABLE.value, text)
@@ -265,7 +288,7 @@ class RunnerServer:
             tg.start_soon(send, Failed(req.job_id, code, f"job {req.job_id} {why}"))
             return None
         faults = None if self.config.faults is None else Faults(self.config.faults, self.fired)
-        job = RunnerJob(run, model, send, faults)
+        job = RunnerJob(run, model, send, faults, self.batchers.get(req.model_id))
         jobs[req.job_id] = job
         return job
 

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from pipelines.batching import (
+    LEAVE_FLOOR,
     Member,
     batch_key,
+    default_patience,
     identical_when_batched,
     prepare_for_batching,
     run_text_to_image_batch,
@@ -37,10 +39,20 @@ def model(request: pytest.FixtureRequest) -> LoadedModel:
 class Recorder:
     """Step hooks that keep each step's latents, and raise at `stop_at` if set."""
 
-    def __init__(self, stop_at: int | None = None) -> None:
+    def __init__(self, stop_at: int | None = None, late_at: int | None = None) -> None:
         self.latents: dict[int, torch.Tensor] = {}
         self.waited: list[int] = []
         self.stop_at = stop_at
+        self.late_at = late_at
+        self.offered: list[tuple[int, float]] = []
+
+    def granted_within(self, step: int, seconds: float) -> bool:
+        """The grant for `late_at` never comes within the batch's patience."""
+        self.offered.append((step, seconds))
+        if step == self.late_at:
+            return False
+        self.wait_for_step(step)
+        return True
 
     def wait_for_step(self, step: int) -> None:
         if step == self.stop_at:
@@ -96,6 +108,28 @@ def test_a_member_that_stops_leaves_and_the_others_finish_as_alone(model: Loaded
     assert sorted(left.hooks.latents) == [1, 2, 3]  # type: ignore[attr-defined]
     for member in (members[0], members[2]):
         assert np.array_equal(np.asarray(member.image), alone(model, member.params)[0])
+
+
+def test_a_member_whose_grant_is_late_leaves_with_its_latents_and_goes_on_alone(
+    model: LoadedModel,
+) -> None:
+    members = [Member(p, Recorder(late_at=5 if i == 0 else None), p.seed) for i, p in
+               enumerate(JOBS)]  # fmt: skip
+    gone: list[Member] = []
+    run_text_to_image_batch(model, members, patience=default_patience, on_leave=gone.append)
+    late = members[0]
+    assert gone == [late] and late.error is None and late.image is None
+    assert late.left is not None and late.left.step == 4
+    # The batch waited a bounded time for it: two steps and 50 ms.
+    step, waited = late.hooks.offered[-1]  # type: ignore[attr-defined]
+    assert step == 5 and waited >= LEAVE_FLOOR
+    for member in members[1:]:
+        assert np.array_equal(np.asarray(member.image), alone(model, member.params)[0])
+    # Its credit comes: it resumes alone from step 4, and ends where it would have alone.
+    hooks = Recorder()
+    rest = run_text_to_image(model, late.params, hooks, late.seed, resume=late.left)[0]
+    assert sorted(hooks.latents) == [1, 2, 3, 4]  # steps 5..8, counted from the resume
+    assert np.array_equal(np.asarray(rest), alone(model, late.params)[0])
 
 
 def test_when_every_member_has_stopped_the_run_ends_there(model: LoadedModel) -> None:
