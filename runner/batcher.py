@@ -5,7 +5,7 @@ others, and starts when the batch is full or the wait is over; jobs arriving
 meanwhile join it. A job alone runs as it always does. Whether a model batches
 at all, and how many, is decided when it loads (`measure_batching`): only where
 a batch's throughput beats one job's by BATCH_GAIN_THRESHOLD and its images
-are byte-identical to the jobs run alone.
+are byte-identical to the jobs run alone (`batch_to_run`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +52,7 @@ class BatchClaim:
     gains: tuple[float, ...]
     """Throughput at each of BATCH_SIZES (up to the max asked) over batch 1."""
     max_batch: int
-    """The batch this runner runs: the largest timed size whose gain passed, if the bytes
-    matched; else 1."""
+    """The batch this runner runs (`batch_to_run`); 1: never batched."""
 
 
 def measure_batching(model: LoadedModel, max_batch: int, width: int, height: int) -> BatchClaim:
@@ -71,15 +71,24 @@ def measure_batching(model: LoadedModel, max_batch: int, width: int, height: int
 
     best = {b: min(timed(b) for _ in range(TIMED_RUNS)) for b in [1, *sizes]}
     gains = tuple(round(b * best[1] / best[b], 3) for b in sizes)
-    paying = [b for b, gain in zip(sizes, gains, strict=True) if gain >= BATCH_GAIN_THRESHOLD]
-    enabled = max(paying, default=1)
-    if enabled > 1 and not identical_when_batched(model, enabled, width, height):
-        log.warning("%s: batched images differ from alone on this device; batching off",
-                    model.model_id)  # fmt: skip
-        enabled = 1
+    enabled = batch_to_run(
+        dict(zip(sizes, gains, strict=True)),
+        lambda size: identical_when_batched(model, size, width, height),
+    )
     log.info("%s: batch gains %s at %s; batches of up to %d", model.model_id, gains, sizes,
              enabled)  # fmt: skip
     return BatchClaim(gains, enabled)
+
+
+def batch_to_run(gains: dict[int, float], identical: Callable[[int], bool]) -> int:
+    """The largest batch size whose gain reaches the threshold and whose jobs' bytes match
+    alone's (`identical(size)`, asked from the largest down); else 1: never batched."""
+    paying = [size for size, gain in gains.items() if gain >= BATCH_GAIN_THRESHOLD and size > 1]
+    for size in sorted(paying, reverse=True):
+        if identical(size):
+            return size
+        log.warning("batches of %d give other bytes than the jobs alone here", size)
+    return 1
 
 
 class _Unwatched:

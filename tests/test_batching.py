@@ -26,6 +26,7 @@ from pipelines.loader import LoadedModel, load_model
 from pipelines.text_to_image import run_text_to_image
 from pipelines.tiny import TINY_SD, TINY_SDXL, quiet_diffusers
 from protocol.messages import TextToImageParams
+from runner.batcher import batch_to_run
 
 
 @pytest.fixture(scope="module", params=[TINY_SD, TINY_SDXL])
@@ -150,3 +151,18 @@ def test_only_jobs_with_one_image_of_one_shape_share_a_run() -> None:
 
 def test_the_load_time_check_passes_on_a_prepared_model(model: LoadedModel) -> None:
     assert identical_when_batched(model, 4, 64, 64)
+
+
+def test_a_model_batches_only_where_the_gain_pays_and_the_bytes_match() -> None:
+    asked: list[int] = []
+
+    def identical(size: int) -> bool:
+        asked.append(size)
+        return size <= 4
+
+    assert batch_to_run({2: 1.19}, identical) == 1 and asked == []  # no gain: never asked
+    assert batch_to_run({2: 1.7, 4: 2.9, 8: 1.1}, identical) == 4 and asked == [4]
+    # 8 pays, but its bytes differ: the next size down that pays and matches.
+    assert batch_to_run({2: 1.7, 4: 2.9, 8: 4.0}, identical) == 4 and asked == [4, 8, 4]
+    assert batch_to_run({2: 1.7}, lambda size: False) == 1
+    assert batch_to_run({}, identical) == 1

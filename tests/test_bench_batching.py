@@ -29,9 +29,12 @@ def test_bench_batching_prints_a_row_per_batch_size_and_a_verdict(
     )
     out = capsys.readouterr().out
     assert code == 0
-    rows = re.findall(r"^\s+(\d+)\s+[\d.]+ ms\s+([\d.]+)\s+([\d.]+)x$", out, re.MULTILINE)
-    assert [int(batch) for batch, _, _ in rows] == [1, 2]
+    rows = re.findall(
+        r"^\s+(\d+)\s+[\d.]+ ms\s+([\d.]+)\s+([\d.]+)x\s+(yes|NO)$", out, re.MULTILINE
+    )
+    assert [int(batch) for batch, _, _, _ in rows] == [1, 2]
     assert float(rows[0][2]) == 1.0  # batch 1 is the baseline
+    assert [same for *_, same in rows] == ["yes", "yes"]  # the batched bytes are alone's
     assert re.search(r"batching (pays|does not pay) here", out)
 
 
