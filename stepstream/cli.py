@@ -33,6 +33,7 @@ EXIT_CODES = """exit codes:
   3    generate: every orchestrator asks more than --max-price
   130  interrupted (Ctrl-C)"""
 EXIT_INTERRUPTED = 130
+TERMINATING = (signal.SIGINT, signal.SIGTERM)
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -487,7 +488,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "gateway":
         from stepstream.run_gateway import run_gateway
 
-        return anyio.run(run_gateway, args)
+        # SIGTERM too, as uvicorn did: the gateway stops its server in order.
+        return anyio.run(until_interrupted, lambda: run_gateway(args), TERMINATING)
     if args.command == "generate":
         from stepstream.generate import run_generate
 

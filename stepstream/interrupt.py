@@ -21,21 +21,23 @@ from anyio.abc import TaskStatus
 T = TypeVar("T")
 
 
-async def until_interrupted(command: Callable[[], Awaitable[T]]) -> T:
-    """Run `command()`; on SIGINT cancel it as a whole and raise KeyboardInterrupt.
+async def until_interrupted(
+    command: Callable[[], Awaitable[T]], signals: tuple[int, ...] = (signal.SIGINT,)
+) -> T:
+    """Run `command()`; on one of `signals` cancel it as a whole, and then raise
+    KeyboardInterrupt (SIGINT) or SystemExit(128 + the signal's number).
 
     The handler is in place before `command` starts, so whatever it prints (a
     "listening on" line, a progress bar) comes after Ctrl-C is handled this way.
     """
-    interrupted = False
+    received: list[int] = []
     result: list[T] = []
 
     async def watch(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        nonlocal interrupted
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(*signals) as arriving:
             task_status.started()
-            async for _ in signals:
-                interrupted = True
+            async for signum in arriving:
+                received.append(signum)
                 tg.cancel_scope.cancel()
                 return
 
@@ -43,6 +45,8 @@ async def until_interrupted(command: Callable[[], Awaitable[T]]) -> T:
         await tg.start(watch)
         result.append(await command())
         tg.cancel_scope.cancel()
-    if interrupted:
+    if received and received[0] == signal.SIGINT:
         raise KeyboardInterrupt
+    if received:
+        raise SystemExit(128 + received[0])
     return result[0]

@@ -154,9 +154,12 @@ def _read_until(proc: subprocess.Popen[bytes], stream: int, marker: bytes) -> by
     return seen
 
 
-def interrupted(args: list[str], ready: bytes, on_stderr: bool = False) -> tuple[int, str]:
+def interrupted(
+    args: list[str], ready: bytes, on_stderr: bool = False, signum: int = signal.SIGINT
+) -> tuple[int, str]:
     """Start `stepstream ARGS` in its own process group, Ctrl-C it (the whole group, as a
-    terminal does) once `ready` is printed; its exit code and stderr."""
+    terminal does; or send `signum` to it) once `ready` is printed; its exit code and
+    stderr."""
     proc = subprocess.Popen(
         [*STEPSTREAM, *args],
         stdout=subprocess.PIPE,
@@ -167,7 +170,7 @@ def interrupted(args: list[str], ready: bytes, on_stderr: bool = False) -> tuple
         assert proc.stdout is not None and proc.stderr is not None
         pipe = proc.stderr if on_stderr else proc.stdout
         early = _read_until(proc, pipe.fileno(), ready)
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signum)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -204,6 +207,20 @@ def test_ctrl_c_ends_every_command_with_one_line_and_no_traceback(tmp_path: Path
     assert code == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "stepstream gateway: interrupted"
     assert err.count("interrupted") == 1 and "ERROR" not in err
+
+
+def test_sigterm_stops_the_gateway_in_order(tmp_path: Path) -> None:
+    key = tmp_path / "k.key"
+    key.write_text("0x" + "11" * 32)
+    code, err = interrupted(
+        ["gateway", "--orchestrators", "ws://127.0.0.1:9", "--key", str(key), "--port", "0",
+         "--outputs", str(tmp_path / "outputs"), "--metrics-db", str(tmp_path / "m.sqlite3"),
+         "--max-price", "1"],
+        b"gateway listening on ",
+        signum=signal.SIGTERM,
+    )  # fmt: skip
+    assert code == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "ERROR" not in err, err
 
 
 def test_ctrl_c_mid_job_ends_generate_with_one_line(orchestrator_url: str, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import uvicorn
@@ -43,28 +43,40 @@ async def serving(gateway: Gateway, host: str, port: int) -> AsyncIterator[str]:
         lifespan="on",
         timeout_graceful_shutdown=2,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     stopped = anyio.Event()
 
     async def serve() -> None:
         try:
-            await server.serve([sock])
+            # Shielded: cancelled (a Ctrl-C), the block below tells it to exit, and it
+            # shuts down in order, within timeout_graceful_shutdown, even mid-start.
+            with anyio.CancelScope(shield=True):
+                await server.serve([sock])
         finally:
             stopped.set()
 
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(serve)
-            # Yield once uvicorn has started: from then on it owns SIGINT and SIGTERM and
-            # shuts down in order (a Ctrl-C before would cancel its lifespan mid-start).
-            while not server.started:
-                if stopped.is_set():
-                    raise RuntimeError("the gateway's server stopped while starting")
-                await anyio.sleep(0.01)
             try:
+                while not server.started:
+                    if stopped.is_set():
+                        raise RuntimeError("the gateway's server stopped while starting")
+                    await anyio.sleep(0.01)
                 yield f"http://{shown}:{bound}"
             finally:
                 server.should_exit = True
     finally:
         sock.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own SIGINT and SIGTERM handlers: a Ctrl-C is the command's
+    (stepstream/interrupt.py), which cancels the gateway, and `serving` then stops uvicorn
+    in order. uvicorn's handlers would only re-raise the signal after its shutdown, into
+    asyncio's one-shot cancel, which CI saw lost."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
