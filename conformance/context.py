@@ -210,7 +210,7 @@ class CaseContext:
             total_steps=accepted.steps,
             window_steps=n,
             ticket_ev=params_ev(accepted.ticket_params),
-            lead_steps=min(1, n - 1),
+            lead_steps=1,
         )
         params = accepted.ticket_params
         seen: list[Message] = []

@@ -33,7 +33,7 @@ from pipelines.errors import InvalidRequest
 from pipelines.requests import output_shape, planned_steps
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES
 from protocol.connection import Connection, State
-from protocol.credit import first_window_evs, ticket_odds
+from protocol.credit import first_window_evs, max_lead, ticket_odds
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
     FEATURE_FIRST_PAYMENT,
@@ -63,7 +63,7 @@ class ServeOptions:
     models: list[str]
     price: Fraction = Fraction(95367)
     lead: int | None = None
-    """The broadcaster's lead L (spec 7.3); None: the spec's default, min(1, N - 1)."""
+    """The broadcaster's lead L (spec 7.3); None: the spec's default, 1."""
     observe: float = 2.0
     """Seconds to watch for a reaction (a cancel, a payment that must not come)."""
     stall: float = 3.0
@@ -250,13 +250,13 @@ class ConformanceOrchestrator:
         self._running += 1
         steps = planned_steps(request.params) - (request.resume.step if request.resume else 0)
         n = request.preview_every
-        lead = self.options.lead if self.options.lead is not None else min(1, n - 1)
+        lead = self.options.lead if self.options.lead is not None else 1
         record = JobRecord(
             request=request,
             shape=shape,
             steps=max(1, steps),
             f=self.options.price * shape.pixels_per_step,
-            lead=max(0, min(lead, n - 1)),
+            lead=max(0, min(lead, max_lead(n))),
         )
         job = ServedJob(
             record,

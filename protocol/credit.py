@@ -18,6 +18,12 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.pm import MAX_UINT256
 
 
+def max_lead(window_steps: int) -> int:
+    """The most steps before a window's end B may pay the next (spec 7.3): N - 1, and 1
+    when N = 1, so that a runner paid step by step still need not wait a round trip."""
+    return max(1, window_steps - 1)
+
+
 @dataclass
 class JobCredit:
     """Orchestrator-side ledger of one job: credit in, steps out."""
@@ -79,7 +85,7 @@ class PaymentSchedule:
             raise ValueError("window_steps must be >= 1")
         if self.ticket_ev <= 0:
             raise ValueError("ticket EV must be positive")
-        self.lead_steps = max(0, min(self.lead_steps, self.window_steps - 1))
+        self.lead_steps = max(0, min(self.lead_steps, max_lead(self.window_steps)))
 
     def target_steps(self, delivered: int) -> int:
         """Steps that should be paid for once `delivered` steps have arrived."""

@@ -84,7 +84,7 @@ def add_conformance_parser(sub: Any) -> None:
         "--lead",
         type=int,
         default=None,
-        help="--serve: the broadcaster's lead L (default: the spec's, min(1, N - 1))",
+        help="--serve: the broadcaster's lead L (default: the spec's, 1)",
     )
     p.add_argument(
         "--observe", type=float, default=2.0, help="--serve: seconds to watch for a reaction"

@@ -99,10 +99,21 @@ def test_schedule_targets() -> None:
     assert sched.max_exposure() == 4 + 1 + 1
 
 
-@pytest.mark.parametrize(("lead", "clamped"), [(-3, 0), (0, 0), (2, 2), (3, 3), (4, 3), (99, 3)])
-def test_lead_clamped_below_window(lead: int, clamped: int) -> None:
-    sched = PaymentSchedule(Fraction(1), 10, 4, Fraction(1), lead_steps=lead)
+@pytest.mark.parametrize(
+    ("window", "lead", "clamped"),
+    [(4, -3, 0), (4, 0, 0), (4, 2, 2), (4, 3, 3), (4, 4, 3), (4, 99, 3), (1, 0, 0), (1, 1, 1),
+     (1, 5, 1), (2, 1, 1), (2, 2, 1)],
+)  # fmt: skip
+def test_lead_clamped_below_window_or_to_one(window: int, lead: int, clamped: int) -> None:
+    # L < N, except that a window of one step may be paid one step ahead (spec 7.3).
+    sched = PaymentSchedule(Fraction(1), 10, window, Fraction(1), lead_steps=lead)
     assert sched.lead_steps == clamped
+
+
+def test_at_a_window_of_one_the_next_step_is_paid_while_one_runs() -> None:
+    sched = PaymentSchedule(Fraction(1), 10, 1, Fraction(1), lead_steps=1)
+    assert [sched.target_steps(d) for d in range(4)] == [2, 3, 4, 5]
+    assert sched.max_exposure() == 2 + 1  # (N + L) f + EV
 
 
 def test_schedule_rejects_bad_values() -> None:
