@@ -150,6 +150,7 @@ class Batcher:
         if key is None:
             return await anyio.to_thread.run_sync(job.run_blocking)
         seat = _Seat(job)
+        job.enter("batching")  # said to B while it waits (PROTOCOL.md 9.6)
         forming = self._forming.get(key)
         if forming is not None:
             forming.seats.append(seat)
@@ -158,11 +159,19 @@ class Batcher:
                 forming.full.set()
         else:
             forming = self._forming[key] = _Forming([seat])
-            with anyio.move_on_after(self.wait):
-                await forming.full.wait()
-            if self._forming.get(key) is forming:
-                del self._forming[key]
+            try:
+                with anyio.move_on_after(self.wait):
+                    await forming.full.wait()
+            except BaseException:  # cancelled (its connection went): the others run alone
+                for other in forming.seats[1:]:
+                    other.outcome = _ALONE
+                    other.decided.set()
+                raise
+            finally:
+                if self._forming.get(key) is forming:
+                    del self._forming[key]
             if len(forming.seats) == 1:
+                job.enter(None)
                 return await anyio.to_thread.run_sync(job.run_blocking)
             token = anyio.lowlevel.current_token()
             threading.Thread(
@@ -185,6 +194,7 @@ class Batcher:
         members: dict[int, _Seat] = {}
         for seat in seats:
             seat.job.prepare()
+            seat.job.enter(None)
 
         def decide(seat: _Seat, outcome: JobOutput | BaseException | ResumePoint) -> None:
             seat.outcome = outcome

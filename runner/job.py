@@ -186,7 +186,7 @@ class RunnerJob:
         except Exception as exc:  # the pipeline itself failed
             message = f"pipeline failed: {type(exc).__name__}: {exc}"[:1024]
             return [Failed(job_id, ErrorCode.PIPELINE_FAILED.value, message)]
-        self._enter("encoding")
+        self.enter("encoding")
         if not output.video:
             images = [await anyio.to_thread.run_sync(self._encoded, im, i) for i, im in
                       enumerate(output.images)]  # fmt: skip
@@ -240,7 +240,8 @@ class RunnerJob:
         if req.want_latents:
             self._resume_scheduler = resume_scheduler_name(model.pipe)
 
-    def _enter(self, phase: str | None) -> None:
+    def enter(self, phase: str | None) -> None:
+        """The phase without steps the job is in now (None: steps), which heartbeats say."""
         self._phase_since = time.monotonic()
         self._phase = phase
 
@@ -295,7 +296,7 @@ class RunnerJob:
             self._emit(self._preview)
         self._emit(self._done(step, latents))
         if step == self._total:
-            self._enter("decoding")  # the pipeline decodes the latents next
+            self.enter("decoding")  # the pipeline decodes the latents next
         if self._faults is not None:
             assert self._outbox is not None
             self._outbox.wait_sent()  # faults act once the step's messages are out

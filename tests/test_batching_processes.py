@@ -17,7 +17,7 @@ import pytest
 
 from broadcaster.session import BroadcasterSession
 from pipelines.tiny import TINY_SD
-from protocol.job_events import JobError, JobResult, ProgressUpdate
+from protocol.job_events import JobError, JobResult, JobStatus, ProgressUpdate
 from protocol.messages import TextToImageParams
 from runner.batcher import BATCH_GAIN_THRESHOLD
 from stepstream.processes import ChildServer, model_entry, orchestrator_process
@@ -42,9 +42,12 @@ def job(prompt: str, seed: int) -> TextToImageParams:
 JOBS = [job("a red circle on a blue background", 5), job("a yellow triangle", 6)]
 
 
-async def run(url: str, params: TextToImageParams) -> JobResult:
+async def run(url: str, params: TextToImageParams, phases: list[str] | None = None) -> JobResult:
+    """The job's result; `phases` gets the phases without steps B was told of."""
     async with BroadcasterSession(url, secrets.token_bytes(32)) as session:
         events = [e async for e in session.generate(params, model_id=TINY_SD, preview_every=2)]
+    if phases is not None:
+        phases.extend(e.phase for e in events if isinstance(e, JobStatus))
     previews = [e for e in events if type(e).__name__ == "PreviewFrame"]
     assert len(previews) == 4, events[-1]  # its own previews: steps 2, 4, 6, 8
     result = events[-1]
@@ -58,11 +61,14 @@ def alone_bytes(orchestrator: tuple[ChildServer, Path]) -> list[bytes]:
     """Each job run alone (each waits out the batch wait): the bytes a batch must give."""
     child, log = orchestrator
 
+    phases: list[str] = []
+
     async def both() -> list[bytes]:
-        return [(await run(child.url, params)).images[0].image for params in JOBS]
+        return [(await run(child.url, params, phases)).images[0].image for params in JOBS]
 
     images = anyio.run(both)
     assert BATCH_LINE not in log.read_text()
+    assert "batching" in phases  # a wait of 1.5 s: B heard the job was alive, and why
     return images
 
 
