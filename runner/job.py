@@ -50,10 +50,10 @@ from protocol.runner import (
     Working,
 )
 from runner.faults import Faults
+from runner.outbox import ConnectionLost, Outbox
 
 if TYPE_CHECKING:
     from runner.batcher import Batcher
-from runner.outbox import ConnectionLost, Outbox
 
 HEARTBEAT_SECONDS = 2.0
 """How often a job in a phase without steps says it is alive (spec PROTOCOL.md 9.6)."""

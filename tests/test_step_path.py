@@ -66,14 +66,15 @@ def orchestrator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChildServ
         yield child
 
 
-async def waited_in_one_job(url: str, steps: int, every: int) -> GrantWait:
-    """The grant waits the orchestrator counted for one job (a new sender: no carried credit)."""
+async def waited_in_one_job(url: str, steps: int, every: int, lead: int = 1) -> GrantWait:
+    """The grant waits the orchestrator counted for one job (a new sender: no carried credit),
+    its broadcaster paying `lead` steps ahead (spec 7.3)."""
     scrape = metrics_url(url)
     before = await anyio.to_thread.run_sync(grant_wait, scrape)
     params = TextToImageParams(
         prompt="a red circle", width=32, height=32, num_inference_steps=steps, seed=3
     )
-    async with BroadcasterSession(url, secrets.token_bytes(32)) as session:
+    async with BroadcasterSession(url, secrets.token_bytes(32), lead_steps=lead) as session:
         with anyio.fail_after(BOUND):
             async for event in session.generate(params, model_id=TINY_SD, preview_every=every):
                 if isinstance(event, JobResult):
@@ -89,8 +90,9 @@ async def test_grant_wait_is_reported_and_zero_once_credit_is_ahead(
     # One window: the first payment covers every step, so no later step waits.
     ahead = await waited_in_one_job(orchestrator.url, steps=4, every=4)
     assert ahead.later_steps == 0 and ahead.later == 0
-    # A window of 1 has no lead: each later step waits for the payment of the one before.
-    behind = await waited_in_one_job(orchestrator.url, steps=3, every=1)
+    # A window of 1 with no lead: each later step waits for the payment its predecessor's
+    # progress triggers (the default lead of 1 pays it while that step runs).
+    behind = await waited_in_one_job(orchestrator.url, steps=3, every=1, lead=0)
     assert behind.later_steps == 2 and behind.later > 0
 
 
