@@ -131,6 +131,7 @@ def run_text_to_image_batch(
     _each(live, first_step, leave)
     if not live:
         return
+    ready[0] = time.perf_counter()  # step 1's time then counts its prompt encodes, not waits
 
     def on_step_end(pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         step, latents = i + 1, kwargs["latents"]
