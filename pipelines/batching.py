@@ -242,8 +242,8 @@ def prepare_for_batching(model: LoadedModel) -> None:
     make_batch_invariant(model.pipe.unet)
 
 
-class _Unwatched:
-    """Hooks of a job nobody pays for or watches: the load-time check's."""
+class Unwatched:
+    """Hooks of a job nobody pays for or watches: the load-time checks' and the bench's."""
 
     def wait_for_step(self, step: int) -> None: ...
 
@@ -261,14 +261,14 @@ def identical_when_batched(model: LoadedModel, size: int, width: int, height: in
             TextToImageParams(
                 prompt=f"a lighthouse {i}", width=width, height=height, num_inference_steps=2
             ),
-            _Unwatched(),
+            Unwatched(),
             seed=i,
         )
         for i in range(size)
     ]
     run_text_to_image_batch(model, members)
     for m in members:
-        alone = run_text_to_image(model, m.params, _Unwatched(), m.seed)[0]
+        alone = run_text_to_image(model, m.params, Unwatched(), m.seed)[0]
         if m.image is None or not np.array_equal(np.asarray(m.image), np.asarray(alone)):
             return False
     return True

@@ -19,7 +19,7 @@ import msgpack
 from protocol.codec import _struct_codec, _unpack
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.fields import Added, Float, Items, JobId, ModelId, Name, Str, UInt32, UInt64
-from protocol.messages import MAX_FRAMES, JobRequest, Latents, Preview, ResultImage
+from protocol.messages import MAX_FRAMES, Gain, JobRequest, Latents, Preview, ResultImage
 
 RUNNER_PROTOCOL_VERSION = 2
 AUTH_HEADER = "Authorization"
@@ -27,7 +27,6 @@ AUTH_HEADER = "Authorization"
 Message = Any
 Code = Annotated[str, Str(1, 64)]
 Text = Annotated[str, Str(0, 1024)]
-Gain = Annotated[float, Float(0.0, 1e6)]
 
 
 @dataclass(frozen=True)

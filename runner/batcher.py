@@ -23,6 +23,7 @@ import anyio.lowlevel
 
 from pipelines.batching import (
     Member,
+    Unwatched,
     batch_key,
     default_patience,
     identical_when_batched,
@@ -64,7 +65,7 @@ def measure_batching(model: LoadedModel, max_batch: int, width: int, height: int
     prepare_for_batching(model)
 
     def timed(size: int) -> float:
-        members = [Member(_reference(width, height, i), _Unwatched(), i) for i in range(size)]
+        members = [Member(_reference(width, height, i), Unwatched(), i) for i in range(size)]
         start = time.perf_counter()
         run_text_to_image_batch(model, members) if size > 1 else _alone(model, members[0])
         return time.perf_counter() - start
@@ -89,12 +90,6 @@ def batch_to_run(gains: dict[int, float], identical: Callable[[int], bool]) -> i
             return size
         log.warning("batches of %d give other bytes than the jobs alone here", size)
     return 1
-
-
-class _Unwatched:
-    def wait_for_step(self, step: int) -> None: ...
-
-    def on_step_end(self, step: int, latents: Any) -> None: ...
 
 
 def _reference(width: int, height: int, i: int) -> TextToImageParams:

@@ -24,7 +24,12 @@ import time
 import numpy as np
 import torch
 
-from pipelines.batching import Member, prepare_for_batching, run_text_to_image_batch
+from pipelines.batching import (
+    Member,
+    Unwatched,
+    prepare_for_batching,
+    run_text_to_image_batch,
+)
 from pipelines.loader import LoadedModel, load_model
 from pipelines.text_to_image import run_text_to_image
 from pipelines.tiny import quiet_diffusers
@@ -40,12 +45,6 @@ PROMPTS = (
 )
 
 
-class _Unwatched:
-    def wait_for_step(self, step: int) -> None: ...
-
-    def on_step_end(self, step: int, latents: torch.Tensor) -> None: ...
-
-
 def _members(batch: int, args: argparse.Namespace, run: int) -> list[Member]:
     return [
         Member(
@@ -55,7 +54,7 @@ def _members(batch: int, args: argparse.Namespace, run: int) -> list[Member]:
                 height=args.size,
                 num_inference_steps=args.steps,
             ),
-            _Unwatched(),
+            Unwatched(),
             seed=1000 * run + job,
         )
         for job in range(batch)
@@ -78,7 +77,7 @@ def _run_once(model: LoadedModel, members: list[Member]) -> float:
 def _same_bytes(model: LoadedModel, members: list[Member]) -> bool:
     """Whether each member's image is the one its job gives alone."""
     for m in members:
-        alone = run_text_to_image(model, m.params, _Unwatched(), m.seed)[0]
+        alone = run_text_to_image(model, m.params, Unwatched(), m.seed)[0]
         if m.image is None or not np.array_equal(np.asarray(m.image), np.asarray(alone)):
             return False
     return True

@@ -46,6 +46,14 @@ def test_go_livepeer_entry_maps_price_per_pixel_to_pixel_steps(tmp_path: Path) -
     assert a.price_per_pixel_step == Fraction(4768371, 50)
     assert b.price_per_pixel_step == Fraction(100, 2 * 50)
     assert (b.warm, b.capacity) == (False, 1)
+    assert (a.max_batch, a.batch_wait_ms) == (1, 0)  # batching is off unless asked
+
+
+def test_batching_fields_reach_the_entry(tmp_path: Path) -> None:
+    entry = {"pipeline": "text-to-image", "model_id": "m", "capacity": 4, "max_batch": 4,
+             "batch_wait_ms": 50}  # fmt: skip
+    (parsed,) = load_ai_models(write(tmp_path, [entry]))
+    assert (parsed.max_batch, parsed.batch_wait_ms) == (4, 50)
 
 
 def test_unsupported_entries_are_skipped_and_external_runners_kept(
@@ -83,6 +91,10 @@ def test_unsupported_entries_are_skipped_and_external_runners_kept(
         ([{"pipeline": "text-to-image", "model_id": "m", "pixels_per_unit": 0}], "pixels_per_unit"),
         ([{"pipeline": "audio-to-text", "model_id": "w"}], "no entry this orchestrator can serve"),
         ([{"pipeline": "text-to-image", "model_id": "m", "url": "ftp://r"}], "'url' must be"),
+        ([{"pipeline": "text-to-image", "model_id": "m", "max_batch": 0}], "'max_batch' must"),
+        ([{"pipeline": "text-to-image", "model_id": "m", "max_batch": 65}], "from 1 to 64"),
+        ([{"pipeline": "text-to-image", "model_id": "m", "batch_wait_ms": -1}], "'batch_wait_ms'"),
+        ([{"pipeline": "text-to-image", "model_id": "m", "batch_wait_ms": 0.5}], "whole number"),
     ],
 )
 def test_bad_files_get_a_message_naming_the_problem(
