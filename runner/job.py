@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import anyio
 import torch
@@ -52,8 +52,12 @@ from protocol.runner import (
 from runner.faults import Faults
 from runner.outbox import ConnectionLost, Outbox
 
-if TYPE_CHECKING:
-    from runner.batcher import Batcher
+
+class BatchRuns(Protocol):
+    """What runs a job in a batch (runner/batcher.py's Batcher), seen from the job."""
+
+    async def run(self, job: RunnerJob) -> JobOutput: ...
+
 
 HEARTBEAT_SECONDS = 2.0
 """How often a job in a phase without steps says it is alive (spec PROTOCOL.md 9.6)."""
@@ -88,7 +92,7 @@ class RunnerJob:
         model: LoadedModel,
         send: Callable[[Message], Awaitable[None]],
         faults: Faults | None = None,
-        batcher: Batcher | None = None,
+        batcher: BatchRuns | None = None,
     ) -> None:
         self.request = run.request
         self._batcher = batcher
